@@ -1,0 +1,94 @@
+"""`python -m harness ...`: run, validate, list, report, compare.
+
+User mistakes come out as one line on stderr and exit status 2.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from harness.errors import UserError
+
+
+def _cmd_run(args) -> int:
+    from harness import config, data, runner
+    suite = config.load_suite(args.suite)
+    data_dir = data.resolve_data_dir(args.data_dir)
+    out_dir = Path(args.out) if args.out else Path("results") / suite.name
+    records = runner.run_suite(suite, out_dir, data_dir, args.device, args.fresh, args.max_train_samples)
+    counts = {}
+    for r in records:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    print(f"{suite.name}: {len(records)} cells ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}); results in {out_dir}")
+    return 0 if counts.get("ok", 0) == len(records) else 1
+
+
+def _cmd_validate(args) -> int:
+    from harness import config, data, runner
+    suite = config.load_suite(args.suite)
+    data_dir = data.resolve_data_dir(args.data_dir)
+    runner.preflight(suite, data_dir)
+    cells = suite.cells()
+    print(f"{args.suite}: ok ({len(suite.tasks)} tasks x {len(suite.methods)} methods x {len(suite.seeds)} seeds = {len(cells)} cells)")
+    return 0
+
+
+def _cmd_list(args) -> int:
+    if args.what == "methods":
+        from harness.method import registry
+        for name, cls in registry().items():
+            print(f"{name:<20} {cls.family:<9} {cls.description}")
+            if args.verbose:
+                print(f"{'':<30} paper: {cls.paper or '-'}; defaults: {cls.defaults or '{}'}")
+    else:
+        from harness.tasks import BUILTIN_TASKS
+        for name, task in BUILTIN_TASKS.items():
+            print(f"{name:<8} {task.type:<14} {task.primary_metric:<22} {task.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m harness", description="Benchmark PETL and METL methods on the same work.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="train and evaluate every cell of a suite", description="Train and evaluate every cell (task x method x seed) of a suite; each cell in a fresh process, one JSON record each.")
+    run.add_argument("suite", help="suite YAML file, e.g. suites/glue_small.yaml")
+    run.add_argument("--out", help="results directory (default: results/<suite name>)")
+    run.add_argument("--data-dir", help="local data folder (default: $HARNESS_DATA_DIR; unset means the Hugging Face hub)")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train (default: cuda if available)")
+    run.add_argument("--max-train-samples", type=_positive_int, help="cap every task's train set (overrides the suite)")
+    run.add_argument("--fresh", action="store_true", help="rerun cells that already have a result")
+    run.set_defaults(func=_cmd_run)
+
+    validate = sub.add_parser("validate", help="check a suite (config, methods, data) without training", description="Check a suite's YAML, methods, hyperparameters and data without training.")
+    validate.add_argument("suite")
+    validate.add_argument("--data-dir", help="local data folder (default: $HARNESS_DATA_DIR)")
+    validate.set_defaults(func=_cmd_validate)
+
+    listing = sub.add_parser("list", help="what the registries hold", description="List registered methods or built-in tasks.")
+    listing.add_argument("what", choices=["methods", "tasks"])
+    listing.add_argument("-v", "--verbose", action="store_true", help="with papers and default hyperparameters")
+    listing.set_defaults(func=_cmd_list)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished cells are kept; run the same command again to resume", file=sys.stderr)
+        return 130

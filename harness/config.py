@@ -1,0 +1,306 @@
+"""Suite files: read safely, validate strictly, expand into cells.
+
+Every mistake is a UserError naming the file and key, raised before training.
+A cell is one (task, method entry, seed) with every setting resolved; its
+`to_dict()` is what a worker process receives and what the result records.
+"""
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from harness import backbone as backbones
+from harness.errors import UserError
+from harness.method import resolve as resolve_method
+from harness.tasks import BUILTIN_TASKS, TaskSpec
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How a cell trains and evaluates; suite-wide, each method entry may override any of it."""
+    epochs: float | None = None  # passes over the (sub-sampled) train set; ignored when max_steps is set
+    max_steps: int | None = None  # optimizer steps; with neither set, one epoch
+    batch_size: int = 32  # examples per optimizer step
+    micro_batch_size: int | None = None  # examples per forward/backward; < batch_size = gradient accumulation
+    eval_batch_size: int = 64
+    max_seq_length: int = 128
+    padding: str = "dynamic"  # "dynamic" (longest in batch) or "max_length"
+    warmup_ratio: float = 0.06  # fraction of steps of linear warm-up, then linear decay to 0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    precision: str = "fp32"  # "fp32", "bf16" or "fp16" autocast
+    gradient_checkpointing: bool = False
+    timing_warmup_steps: int = 3  # steps left out of throughput figures
+    nvml_interval_s: float = 0.02  # NVML sampling period
+    time_limit_s: float | None = None  # a cell running longer is stopped and recorded as timeout
+
+    def __post_init__(self):
+        positive = ["batch_size", "eval_batch_size", "max_seq_length", "max_steps", "max_train_samples",
+                    "max_eval_samples", "micro_batch_size", "epochs", "nvml_interval_s", "time_limit_s", "max_grad_norm"]
+        for key in positive:
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ValueError(f"{key}: must be positive, got {value}")
+        for key in ["warmup_ratio", "weight_decay", "timing_warmup_steps"]:
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}: must not be negative, got {getattr(self, key)}")
+        if self.warmup_ratio >= 1:
+            raise ValueError(f"warmup_ratio: must be below 1, got {self.warmup_ratio}")
+        if self.padding not in ("dynamic", "max_length"):
+            raise ValueError(f"padding: '{self.padding}' is not one of dynamic, max_length")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision: '{self.precision}' is not one of fp32, bf16, fp16")
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size: {self.micro_batch_size} does not divide batch_size {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class Component:
+    """One method with its hyperparameters; an entry stacks one or more."""
+    ref: str  # registry name, module:Class, or file.py[:Class]
+    hparams: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    label: str
+    components: tuple[Component, ...]
+    lr: float
+    train: dict = field(default_factory=dict)  # overrides of the suite's TrainSettings
+
+
+@dataclass(frozen=True)
+class Cell:
+    suite: str
+    task: TaskSpec
+    entry: MethodEntry
+    seed: int
+    train: TrainSettings
+    backbone: str | None
+    trust_remote_code: bool
+
+    @property
+    def key(self) -> str:
+        return f"{self.task.name}__{self.entry.label}__seed{self.seed}"
+
+    def to_dict(self) -> dict:
+        return {
+            "suite": self.suite, "task": self.task.to_dict(), "label": self.entry.label, "seed": self.seed,
+            "method": [dataclasses.asdict(c) for c in self.entry.components], "lr": self.entry.lr,
+            "train": dataclasses.asdict(self.train), "backbone": self.backbone,
+            "backbone_description": backbones.describe(self.backbone), "trust_remote_code": self.trust_remote_code,
+        }
+
+    def config_hash(self) -> str:
+        """Identity of the work: a finished record with the same hash need not run again."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    path: Path
+    tasks: tuple[TaskSpec, ...]
+    methods: tuple[MethodEntry, ...]
+    seeds: tuple[int, ...]
+    train: TrainSettings
+    backbone: str | None = None
+    trust_remote_code: bool = False
+    description: str = ""
+    gate: dict = field(default_factory=dict)  # regression-gate settings, read by `harness compare`
+
+    def cells(self, max_train_samples: int | None = None) -> list[Cell]:
+        cells = []
+        for task in self.tasks:
+            for entry in self.methods:
+                settings = dataclasses.replace(self.train, **entry.train)
+                if max_train_samples is not None:
+                    settings = dataclasses.replace(settings, max_train_samples=max_train_samples)
+                for seed in self.seeds:
+                    cells.append(Cell(self.name, task, entry, seed, settings, self.backbone, self.trust_remote_code))
+        return cells
+
+
+SUITE_KEYS = {"name", "description", "backbone", "tasks", "methods", "seeds", "train", "gate"}
+ENTRY_KEYS = {"method", "stack", "label", "lr", "hparams", "train"}
+TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainSettings)}
+
+
+def _unknown(where: str, key: str, known) -> UserError:
+    close = difflib.get_close_matches(key, known, n=1)
+    fix = f"did you mean '{close[0]}'?" if close else f"allowed keys: {', '.join(sorted(known))}"
+    return UserError(f"{where}.{key}", "unknown key", fix)
+
+
+def _check_type(where: str, value, hint):
+    """Accept value if it fits the type hint (ints count as floats; bools are not numbers)."""
+    allowed = typing.get_args(hint) or (hint,)
+    for kind in allowed:
+        if kind is type(None) and value is None:
+            return value
+        if kind is bool and isinstance(value, bool):
+            return value
+        if isinstance(value, bool):
+            continue
+        if kind is float and isinstance(value, (int, float)):
+            return float(value)
+        if kind in (int, str) and isinstance(value, kind):
+            return value
+    names = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
+    raise UserError(where, f"must be {names}, got {value!r}", f"write a {names} value")
+
+
+def parse_train(raw, where: str) -> dict:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(where, "must be a mapping of training settings", "e.g. train: {batch_size: 32, epochs: 1}")
+    hints = typing.get_type_hints(TrainSettings)
+    out = {}
+    for key, value in raw.items():
+        if key not in TRAIN_FIELDS:
+            raise _unknown(where, key, TRAIN_FIELDS)
+        out[key] = _check_type(f"{where}.{key}", value, hints[key])
+    return out
+
+
+def _settings(values: dict, where: str) -> TrainSettings:
+    try:
+        return TrainSettings(**values)
+    except ValueError as exc:
+        key, _, problem = str(exc).partition(": ")
+        raise UserError(f"{where}.{key}", problem, "use a value in range") from None
+
+
+def _parse_component(raw: dict, where: str) -> Component:
+    ref = raw.get("method")
+    if not isinstance(ref, str) or not ref:
+        raise UserError(f"{where}.method", "missing or not a string", "name a method, e.g. method: lora (see `harness list methods`)")
+    hparams = raw.get("hparams") or {}
+    if not isinstance(hparams, dict):
+        raise UserError(f"{where}.hparams", "must be a mapping", "e.g. hparams: {r: 8}")
+    cls = resolve_method(ref, f"{where}.method")
+    try:
+        cls(**hparams)  # construct once now, so a bad hyperparameter fails before any training
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{where}.hparams", str(exc), "see the method's defaults in `harness list methods -v`") from None
+    return Component(ref, hparams)
+
+
+def _parse_entry(raw, where: str, suite_train: dict) -> MethodEntry:
+    if isinstance(raw, str):
+        raw = {"method": raw}
+    if not isinstance(raw, dict):
+        raise UserError(where, "a method entry must be a name or a mapping", "e.g. - {method: lora, lr: 5.0e-4}")
+    for key in raw:
+        if key not in ENTRY_KEYS:
+            raise _unknown(where, key, ENTRY_KEYS)
+    if ("method" in raw) == ("stack" in raw):
+        raise UserError(where, "give exactly one of 'method' or 'stack'", "method: NAME, or stack: [{method: A}, {method: B}]")
+    if "stack" in raw:
+        stack = raw["stack"]
+        if not isinstance(stack, list) or len(stack) < 2 or not all(isinstance(s, dict) for s in stack):
+            raise UserError(f"{where}.stack", "must list two or more {method, hparams} mappings", "e.g. stack: [{method: lora}, {method: tokentune}]")
+        if "hparams" in raw:
+            raise UserError(f"{where}.hparams", "a stack sets hparams per component", "move hparams into each stack item")
+        for i, item in enumerate(stack):
+            for key in item:
+                if key not in ("method", "hparams"):
+                    raise _unknown(f"{where}.stack[{i}]", key, {"method", "hparams"})
+        components = tuple(_parse_component(s, f"{where}.stack[{i}]") for i, s in enumerate(stack))
+    else:
+        components = (_parse_component(raw, where),)
+    label = raw.get("label", "+".join(c.ref for c in components))
+    if not isinstance(label, str) or not label or any(ch in label for ch in "/\\\0") or label.startswith("."):
+        raise UserError(f"{where}.label", f"{label!r} is not a usable label", "use letters, digits, '-', '_', '+' or '.'")
+    lr = raw.get("lr")
+    if lr is None:
+        raise UserError(f"{where}.lr", "missing", "every method entry needs its learning rate, e.g. lr: 5.0e-5")
+    lr = _check_type(f"{where}.lr", lr, float)
+    if lr <= 0:
+        raise UserError(f"{where}.lr", f"must be positive, got {lr}", "e.g. lr: 5.0e-5")
+    overrides = parse_train(raw.get("train"), f"{where}.train")
+    _settings({**suite_train, **overrides}, f"{where}.train")
+    return MethodEntry(label, components, lr, overrides)
+
+
+def _parse_task(raw, where: str, base_dir: Path) -> TaskSpec:
+    if isinstance(raw, str):
+        if raw not in BUILTIN_TASKS:
+            close = difflib.get_close_matches(raw, BUILTIN_TASKS, n=1)
+            fix = f"did you mean '{close[0]}'?" if close else "use a GLUE task (`harness list tasks`) or declare one as a mapping"
+            raise UserError(where, f"unknown task '{raw}'", fix)
+        return BUILTIN_TASKS[raw]
+    if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+        raise UserError(where, "a task must be a name or a mapping with a name", "e.g. - sst2, or - {name: my_task, data_files: ...}")
+    raw = dict(raw)
+    name = raw.pop("name")
+    return TaskSpec.from_mapping(name, raw, where, base_dir)
+
+
+def load_suite(path: str | Path) -> Suite:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(str(path), "suite file not found", "give the path of a suite YAML, e.g. suites/smoke.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path}{at}", f"YAML syntax error: {problem}", "fix the YAML at that line") from None
+    except UnicodeDecodeError:
+        raise UserError(str(path), "not a UTF-8 text file", "save the suite as UTF-8 YAML") from None
+    where = str(path)
+    if not isinstance(raw, dict):
+        raise UserError(where, "a suite must be a YAML mapping", "start from suites/smoke.yaml")
+    for key in raw:
+        if key not in SUITE_KEYS:
+            raise _unknown(where, key, SUITE_KEYS)
+    for key in ("tasks", "methods"):
+        if not isinstance(raw.get(key), list) or not raw[key]:
+            raise UserError(f"{where}.{key}", "missing or empty", f"list at least one entry under {key}:")
+    name = raw.get("name", path.stem)
+    if not isinstance(name, str) or not name or "/" in name:
+        raise UserError(f"{where}.name", f"{name!r} is not a usable suite name", "use a short name without '/'")
+    backbone, trust = raw.get("backbone"), False
+    if isinstance(backbone, dict):
+        for key in backbone:
+            if key not in ("name", "trust_remote_code"):
+                raise _unknown(f"{where}.backbone", key, {"name", "trust_remote_code"})
+        trust = _check_type(f"{where}.backbone.trust_remote_code", backbone.get("trust_remote_code", False), bool)
+        backbone = backbone.get("name")
+    if backbone is not None and not isinstance(backbone, str):
+        raise UserError(f"{where}.backbone", "must be a model path or hub id", f"e.g. backbone: {backbones.DEFAULT}")
+
+    suite_train = parse_train(raw.get("train"), f"{where}.train")
+    settings = _settings(suite_train, f"{where}.train")
+    tasks = tuple(_parse_task(t, f"{where}.tasks[{i}]", path.parent) for i, t in enumerate(raw["tasks"]))
+    _no_duplicates([t.name for t in tasks], f"{where}.tasks", "each task once")
+    entries = tuple(_parse_entry(m, f"{where}.methods[{i}]", suite_train) for i, m in enumerate(raw["methods"]))
+    _no_duplicates([e.label for e in entries], f"{where}.methods", "give repeated methods distinct labels: label: lora-r16")
+    seeds = raw.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise UserError(f"{where}.seeds", "must be a non-empty list of non-negative integers", "e.g. seeds: [0, 1, 2]")
+    _no_duplicates(seeds, f"{where}.seeds", "list each seed once")
+    gate = raw.get("gate", {}) or {}
+    if not isinstance(gate, dict):
+        raise UserError(f"{where}.gate", "must be a mapping", "e.g. gate: {memory_tolerance: 2%}")
+    description = raw.get("description", "")
+    return Suite(name, path, tasks, entries, tuple(seeds), settings, backbone, trust, str(description), gate)
+
+
+def _no_duplicates(items, where, fix):
+    seen = set()
+    for item in items:
+        if item in seen:
+            raise UserError(where, f"'{item}' appears twice", fix)
+        seen.add(item)

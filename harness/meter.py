@@ -1,0 +1,247 @@
+"""Memory and throughput figures for one cell, each one labelled with what it is.
+
+Exact on any device:
+- activation_bytes: bytes of tensors saved for backward during one forward
+  (micro-)batch, counted with `torch.autograd.graph.saved_tensors_hooks`,
+  storages de-duplicated and parameters/buffers left out; the maximum over all
+  training steps. Deterministic on CPU, so gates can rest on it.
+- frozen/trainable parameter bytes, buffer bytes, gradient bytes (after the
+  first backward) and optimizer-state bytes (after the first optimizer step).
+- modelled_peak_bytes: their sum, a model of the training peak that leaves out
+  the framework's temporaries and allocator slack.
+Device-reported:
+- CUDA: torch.cuda.max_memory_allocated / max_memory_reserved, reset at the
+  start of each phase (train and eval are separate figures).
+- NVML: the process's GPU memory sampled by a background thread. Where NVML
+  cannot see this process (containers, MIG) the figure is device-wide usage
+  minus the usage before the phase, and `nvml_source` says so.
+- Host: the worker's peak RSS (getrusage), which includes model loading.
+Throughput: samples/s and non-padding tokens/s over the timed steps (the first
+`timing_warmup_steps` left out, CUDA synchronised around each), and step-time
+median and p90.
+"""
+
+import contextlib
+import os
+import resource
+import threading
+import time
+
+import numpy as np
+import torch
+
+
+def storage_key(t: torch.Tensor):
+    """(device, data pointer) of a tensor's storage: tensors sharing memory share the key."""
+    try:
+        return t.device, t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
+        return t.device, id(t)
+
+
+def storage_bytes(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError):
+        return t.numel() * t.element_size()
+
+
+def unique_bytes(tensors) -> int:
+    seen = {}
+    for t in tensors:
+        seen.setdefault(storage_key(t), storage_bytes(t))
+    return sum(seen.values())
+
+
+class SavedTensorCounter:
+    """Counts the distinct storages autograd saves for backward while active.
+
+    Parameters and buffers of `model` are left out: they exist whether or not a
+    graph is built. Use one `with counter:` per forward+backward; `.last` is the
+    count of the latest, `.peak` the maximum so far.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.exclude = {storage_key(t) for t in (*model.parameters(), *model.buffers())}
+        self.peak = 0
+        self.last = 0
+        self._seen: dict = {}
+
+    def _pack(self, t):
+        key = storage_key(t)
+        if key not in self.exclude and key not in self._seen:
+            self._seen[key] = storage_bytes(t)
+        return t
+
+    def __enter__(self):
+        self._seen = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+        self.last = sum(self._seen.values())
+        self.peak = max(self.peak, self.last)
+        self._seen = {}
+
+
+class NvmlSampler:
+    """Samples this process's GPU memory in a background thread; keeps the peak."""
+
+    def __init__(self, device: torch.device, interval_s: float):
+        import pynvml
+        self.nvml, self.interval_s = pynvml, interval_s
+        pynvml.nvmlInit()
+        self.handle = self._handle_for(device)
+        self.pid = os.getpid()
+        self.baseline = pynvml.nvmlDeviceGetMemoryInfo(self.handle).used
+        self.source = "process" if self._process_bytes() is not None else "device_minus_baseline"
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="nvml-sampler", daemon=True)
+
+    def _handle_for(self, device):
+        # CUDA_VISIBLE_DEVICES renumbers devices; the UUID is what both sides agree on.
+        uuid = str(torch.cuda.get_device_properties(device).uuid)
+        for i in range(self.nvml.nvmlDeviceGetCount()):
+            handle = self.nvml.nvmlDeviceGetHandleByIndex(i)
+            nvml_uuid = self.nvml.nvmlDeviceGetUUID(handle)
+            nvml_uuid = nvml_uuid.decode() if isinstance(nvml_uuid, bytes) else nvml_uuid
+            if nvml_uuid.removeprefix("GPU-").removeprefix("MIG-") == uuid.removeprefix("GPU-").removeprefix("MIG-"):
+                return handle
+        return self.nvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+
+    def _process_bytes(self):
+        try:
+            for proc in self.nvml.nvmlDeviceGetComputeRunningProcesses(self.handle):
+                if proc.pid == self.pid and proc.usedGpuMemory is not None:
+                    return proc.usedGpuMemory
+        except self.nvml.NVMLError:
+            pass
+        return None
+
+    def sample(self) -> int:
+        if self.source == "process":
+            value = self._process_bytes() or 0
+        else:
+            value = self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used - self.baseline
+        self.peak = max(self.peak, value)
+        self.samples += 1
+        return value
+
+    def _loop(self):
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def __enter__(self):
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+class Meter:
+    """Collects every figure of one cell; `summary()` is what the result records.
+
+    `enabled=False` keeps the step timing but skips the saved-tensor hooks and
+    NVML sampling, so the meter's own cost can be measured.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, timing_warmup_steps: int = 3,
+                 nvml_interval_s: float = 0.02, enabled: bool = True):
+        self.model, self.device, self.enabled = model, device, enabled
+        self.cuda = device.type == "cuda"
+        self.timing_warmup_steps = timing_warmup_steps
+        self.nvml_interval_s = nvml_interval_s
+        self.saved = SavedTensorCounter(model)
+        self.steps: list[tuple[float, int, int]] = []  # (seconds, samples, non-padding tokens)
+        self.figures: dict = {}
+        self.notes: list[str] = []
+        self._record_params()
+
+    def _record_params(self):
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        frozen = [p for p in self.model.parameters() if not p.requires_grad]
+        self.figures.update(
+            trainable_param_bytes=unique_bytes(trainable), frozen_param_bytes=unique_bytes(frozen),
+            buffer_bytes=unique_bytes(self.model.buffers()))
+
+    def _sync(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Wall time, CUDA peaks and NVML peak of a phase ('train' or 'eval')."""
+        sampler = None
+        if self.cuda:
+            self._sync()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            if self.enabled:
+                try:
+                    sampler = NvmlSampler(self.device, self.nvml_interval_s)
+                except Exception as exc:  # no NVML library, no permission: say so, don't fail the cell
+                    self.notes.append(f"NVML unavailable: {type(exc).__name__}: {exc}")
+        start = time.perf_counter()
+        with sampler if sampler else contextlib.nullcontext():
+            try:
+                yield
+            finally:
+                self._sync()
+                self.figures[f"{name}_seconds"] = time.perf_counter() - start
+        prefix = "" if name == "train" else f"{name}_"
+        if self.cuda:
+            self.figures[f"peak_gpu_allocated_bytes" if name == "train" else f"{name}_peak_gpu_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            self.figures[f"{prefix}peak_gpu_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
+        if sampler:
+            self.figures[f"{prefix}nvml_peak_bytes"] = sampler.peak
+            self.figures[f"{prefix}nvml_source"] = sampler.source
+            self.figures[f"{prefix}nvml_samples"] = sampler.samples
+
+    @contextlib.contextmanager
+    def step(self, batch: dict):
+        """Times one optimizer step; `batch` is the whole step's batch."""
+        self._sync()
+        start = time.perf_counter()
+        yield
+        self._sync()
+        mask = batch.get("attention_mask")
+        tokens = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        self.steps.append((time.perf_counter() - start, len(batch["labels"]), tokens))
+
+    def saved_tensors(self):
+        """Wrap one forward+backward: its saved tensors are counted."""
+        return self.saved if self.enabled else contextlib.nullcontext()
+
+    def record_states(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        """Call once after the first optimizer step, before gradients are cleared."""
+        self.figures["grad_bytes"] = unique_bytes(p.grad for p in model.parameters() if p.grad is not None)
+        state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        self.figures["optimizer_bytes"] = unique_bytes(state)
+
+    def summary(self) -> dict:
+        f = dict(self.figures)
+        if self.enabled:
+            f["activation_bytes"] = self.saved.peak
+            f["modelled_peak_bytes"] = (f["frozen_param_bytes"] + f["trainable_param_bytes"] + f["buffer_bytes"]
+                                        + f.get("grad_bytes", 0) + f.get("optimizer_bytes", 0) + self.saved.peak)
+        f["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        timed = self.steps[self.timing_warmup_steps:] or self.steps  # too few steps: time them all, and say so
+        if len(timed) < len(self.steps) - self.timing_warmup_steps or not self.steps[self.timing_warmup_steps:]:
+            self.notes.append(f"only {len(self.steps)} steps: throughput includes warm-up steps")
+        if timed:
+            seconds = np.array([s for s, _, _ in timed])
+            f.update(timed_steps=len(timed),
+                     train_samples_per_s=sum(n for _, n, _ in timed) / seconds.sum(),
+                     train_tokens_per_s=sum(t for _, _, t in timed) / seconds.sum(),
+                     step_time_median_s=float(np.median(seconds)),
+                     step_time_p90_s=float(np.percentile(seconds, 90)))
+        if self.notes:
+            f["meter_notes"] = list(dict.fromkeys(self.notes))
+        return f

@@ -1,0 +1,111 @@
+"""Result records: one JSON file per cell, written atomically, loaded as a DataFrame.
+
+A record is written to a temporary file in the same folder, fsync'd and then
+renamed over its final name, so a reader sees the old record or the new one,
+never half of one. `load` refuses nothing silently: unreadable files are
+reported through `scan`, which the runner uses to rerun them.
+"""
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+SCHEMA_VERSION = 1
+STATUSES = ("ok", "failed", "oom", "diverged", "timeout", "interrupted")
+RECORD_GLOB = "*.json"
+
+# Columns later work and users' scripts rely on; keep the names.
+CORE_COLUMNS = ["suite", "task", "method", "seed", "status", "metric_name", "metric", "trainable_params",
+                "total_params", "train_seconds"]
+MEMORY_COLUMNS = ["peak_gpu_allocated_bytes", "peak_gpu_reserved_bytes", "nvml_peak_bytes", "activation_bytes",
+                  "frozen_param_bytes", "trainable_param_bytes", "grad_bytes", "optimizer_bytes", "modelled_peak_bytes",
+                  "peak_rss_bytes", "train_samples_per_s", "train_tokens_per_s", "step_time_median_s", "step_time_p90_s"]
+
+
+def write_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_record(path: Path) -> dict:
+    """A record, or ValueError saying why the file is not one."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(record, dict) or record.get("schema_version") != SCHEMA_VERSION or record.get("status") not in STATUSES \
+            or not isinstance(record.get("cell"), dict):
+        raise ValueError(f"{path}: not a result record of schema {SCHEMA_VERSION}")
+    return record
+
+
+@dataclass
+class Scan:
+    records: list[dict]
+    broken: list[tuple[Path, str]]  # (file, why it could not be read)
+
+
+def scan(directory: str | Path) -> Scan:
+    """Every record under `directory` (searched recursively), and every file that failed to read."""
+    records, broken = [], []
+    for path in sorted(Path(directory).rglob(RECORD_GLOB)):
+        if path.name.startswith("."):
+            continue
+        try:
+            records.append(read_record(path) | {"_path": str(path)})
+        except ValueError as exc:
+            broken.append((path, str(exc)))
+    return Scan(records, broken)
+
+
+def to_row(record: dict) -> dict:
+    cell = record["cell"]
+    primary = cell["task"]["primary_metric"]
+    metrics = record.get("metrics") or {}
+    params = record.get("params") or {}
+    row = {
+        "suite": cell["suite"], "task": cell["task"]["name"], "method": cell["label"],
+        "method_stack": "+".join(c["ref"] for c in cell["method"]), "seed": cell["seed"], "status": record["status"],
+        "metric_name": primary, "metric": metrics.get(primary, {}).get("value"),
+        "higher_is_better": metrics.get(primary, {}).get("higher_is_better"),
+        "trainable_params": params.get("trainable"), "total_params": params.get("total"),
+        "train_seconds": record.get("measurements", {}).get("train_seconds"),
+        "backbone": cell.get("backbone_description"), "device": record.get("env", {}).get("device"),
+        "config_hash": record.get("config_hash"), "error": (record.get("error") or {}).get("message"),
+        "path": record.get("_path"),
+    }
+    for name, m in metrics.items():
+        row[f"metric_{name}"] = m.get("value")
+    for key, value in (record.get("measurements") or {}).items():
+        if not isinstance(value, (list, dict)):
+            row.setdefault(key, value)
+    return row
+
+
+def load(directory: str | Path, *, strict: bool = False) -> pd.DataFrame:
+    """One row per cell under `directory`. Unreadable files raise with `strict`, else warn."""
+    found = scan(directory)
+    if found.broken:
+        message = "; ".join(why for _, why in found.broken)
+        if strict:
+            raise ValueError(message)
+        import warnings
+        warnings.warn(f"skipped unreadable result files: {message}", stacklevel=2)
+    frame = pd.DataFrame([to_row(r) for r in found.records])
+    for column in CORE_COLUMNS + MEMORY_COLUMNS:  # a figure the device did not give is empty, not absent
+        if column not in frame.columns:
+            frame[column] = None
+    return frame

@@ -1,0 +1,159 @@
+"""Run a suite: check everything first, then each cell in a fresh worker process.
+
+The runner knows cells, not methods. A cell whose record is already final with
+the same resolved config is skipped; `fresh` reruns everything. Only one run at
+a time may use a results directory (a lock file says who holds it).
+"""
+
+import fcntl
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from harness import backbone, data, results, worker
+from harness.config import Cell, Suite
+from harness.errors import UserError
+
+# Outcomes of the configuration itself; others (failed, timeout, interrupted) come
+# from circumstances, and a rerun tries them again.
+FINAL_STATUSES = ("ok", "oom", "diverged")
+
+
+def preflight(suite: Suite, data_dir: Path | None) -> None:
+    """Everything a user could have got wrong, checked before any training."""
+    for task in suite.tasks:
+        data.load_split(task, task.train_split, data_dir)
+        data.load_split(task, task.eval_split, data_dir)
+    try:
+        backbone.load_tokenizer(suite.backbone, suite.trust_remote_code)
+    except Exception as exc:
+        raise UserError(f"{suite.path}.backbone", f"cannot load '{suite.backbone}': {type(exc).__name__}",
+                        "give a local model folder, or a hub id with network access") from None
+
+
+@contextmanager
+def locked(out_dir: Path):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(out_dir / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(str(out_dir), f"results directory is in use by {holder}",
+                        "wait for that run to finish, or pass another --out") from None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def is_done(path: Path, cell: Cell) -> tuple[bool, str | None]:
+    """(skip?, note): a corrupt record is reported and rerun, never silently read."""
+    if not path.exists():
+        return False, None
+    try:
+        record = results.read_record(path)
+    except ValueError as exc:
+        return False, f"corrupt record, rerunning: {exc}"
+    return record.get("config_hash") == cell.config_hash() and record["status"] in FINAL_STATUSES, None
+
+
+def _terminate_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _worker_context():
+    """Fresh processes forked from a server that imported the heavy libraries once."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(worker.PRELOAD)
+    return ctx
+
+
+def run_cell_process(cell: Cell, path: Path, data_dir: Path | None, device: str) -> dict:
+    """One worker process; records the outcomes the worker cannot (killed, timed out, interrupted)."""
+    job = {"cell": cell.to_dict(), "config_hash": cell.config_hash(), "device": device, "progress": sys.stderr.isatty(),
+           "data_dir": str(data_dir) if data_dir else None}
+    started = time.time()
+    proc = _worker_context().Process(target=worker.run_job, args=(job, str(path)), name=f"cell {cell.key}")
+    proc.start()
+    status, message = None, None
+    try:
+        proc.join(timeout=cell.train.time_limit_s)
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join()
+            status, message = "timeout", f"exceeded time_limit_s={cell.train.time_limit_s}"
+    except KeyboardInterrupt:
+        if proc.exitcode is None:
+            os.kill(proc.pid, signal.SIGINT)
+            proc.join(timeout=10)
+            if proc.exitcode is None:
+                proc.kill()
+                proc.join()
+        _write_outcome(cell, path, "interrupted", "stopped by the user (Ctrl-C or SIGTERM)", started)
+        raise
+    if status is None and proc.exitcode != 0:
+        killed = -proc.exitcode if proc.exitcode < 0 else None
+        name = signal.Signals(killed).name if killed else None
+        status = "oom" if killed == signal.SIGKILL else "failed"  # the kernel's OOM killer sends SIGKILL
+        message = f"worker killed by {name}" + (" (likely the host OOM killer)" if status == "oom" else "") \
+            if killed else f"worker exited with status {proc.exitcode}"
+    if status is not None:
+        return _write_outcome(cell, path, status, message, started)
+    return results.read_record(path)
+
+
+def _write_outcome(cell: Cell, path: Path, status: str, message: str, started: float) -> dict:
+    record = {"schema_version": results.SCHEMA_VERSION, "cell": cell.to_dict(), "config_hash": cell.config_hash(),
+              "status": status, "error": {"type": status, "message": message}, "metrics": {}, "params": {},
+              "measurements": {"total_seconds": time.time() - started}, "env": {}}
+    results.write_atomic(path, record)
+    return record
+
+
+def summarize(record: dict) -> str:
+    status = record["status"]
+    if status != "ok":
+        return f"{status}: {(record.get('error') or {}).get('message', '')}"
+    m = record["measurements"]
+    primary = record["cell"]["task"]["primary_metric"]
+    act = m.get("activation_bytes")
+    return (f"ok  {primary}={record['metrics'][primary]['value']:.4f}  train {m.get('train_seconds', 0):.1f}s"
+            + (f"  activations {act / 2**20:.1f} MiB" if act is not None else ""))
+
+
+def run_suite(suite: Suite, out_dir: Path, data_dir: Path | None, device: str = "auto", fresh: bool = False,
+              max_train_samples: int | None = None, log=print) -> list[dict]:
+    preflight(suite, data_dir)
+    cells = suite.cells(max_train_samples)
+    previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    records = []
+    try:
+        with locked(out_dir):
+            for i, cell in enumerate(cells, 1):
+                path = out_dir / f"{cell.key}.json"
+                head = f"[{i}/{len(cells)}] {cell.task.name} / {cell.entry.label} / seed {cell.seed}"
+                done, note = is_done(path, cell)
+                if note:
+                    log(f"{head}: {note}")
+                if done and not fresh:
+                    record = results.read_record(path)
+                    log(f"{head}: already done ({record['status']}), skipped")
+                else:
+                    log(f"{head} ...")
+                    record = run_cell_process(cell, path, data_dir, device)
+                    log(f"{head}: {summarize(record)}")
+                records.append(record)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return records

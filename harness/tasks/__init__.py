@@ -1,0 +1,111 @@
+"""Tasks: what data to read, which columns hold text and label, which metrics.
+
+Every task, GLUE included, is declared in YAML (see glue.yaml beside this file)
+and parsed by `TaskSpec.from_mapping`; a suite declares new tasks the same way.
+"""
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from harness.errors import UserError
+from harness.metrics import CLASSIFICATION_METRICS, METRICS, REGRESSION_METRICS
+
+TASK_KEYS = {
+    "description", "local", "data_files", "hub", "text_columns", "label_column", "type",
+    "num_labels", "metrics", "primary_metric", "train_split", "eval_split",
+}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    text_columns: tuple[str, ...]
+    metrics: tuple[str, ...]
+    primary_metric: str
+    type: str = "classification"  # or "regression"
+    num_labels: int = 1
+    label_column: str = "label"
+    description: str = ""
+    local: str | None = None  # folder under the data directory holding <split>.{parquet,csv,json,jsonl}
+    data_files: dict = field(default_factory=dict)  # split -> file path, for tasks outside the data directory
+    hub: tuple[str, ...] | None = None  # (dataset id[, config name])
+    train_split: str = "train"
+    eval_split: str = "validation"
+
+    @property
+    def is_regression(self) -> bool:
+        return self.type == "regression"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_mapping(cls, name: str, raw, where: str, base_dir: Path | None = None) -> "TaskSpec":
+        """Validate a task declaration; every mistake is a UserError naming the key."""
+        if not isinstance(raw, dict):
+            raise UserError(where, f"task '{name}' must be a mapping", "see harness/tasks/glue.yaml for the form")
+        unknown = set(raw) - TASK_KEYS
+        if unknown:
+            raise UserError(f"{where}.{sorted(unknown)[0]}", "unknown task key", f"use one of {sorted(TASK_KEYS)}")
+
+        def need_list(key):
+            value = raw.get(key)
+            if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+                raise UserError(f"{where}.{key}", "must be a non-empty list of strings", f"e.g. {key}: [sentence]")
+            return tuple(value)
+
+        task_type = raw.get("type", "classification")
+        if task_type not in ("classification", "regression"):
+            raise UserError(f"{where}.type", f"'{task_type}' is not a task type", "use classification or regression")
+        num_labels = raw.get("num_labels", 1 if task_type == "regression" else None)
+        if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 1:
+            raise UserError(f"{where}.num_labels", "must be a positive integer", "give the number of classes, e.g. num_labels: 2")
+        if task_type == "classification" and num_labels < 2:
+            raise UserError(f"{where}.num_labels", "a classification task needs at least 2 labels", "set num_labels: 2 or more, or type: regression")
+        if task_type == "regression" and num_labels != 1:
+            raise UserError(f"{where}.num_labels", "a regression task predicts one value", "remove num_labels or set it to 1")
+        metrics = need_list("metrics")
+        allowed = REGRESSION_METRICS if task_type == "regression" else CLASSIFICATION_METRICS
+        for m in metrics:
+            if m not in METRICS:
+                raise UserError(f"{where}.metrics", f"unknown metric '{m}'", f"use some of {sorted(allowed)}")
+            if m not in allowed:
+                raise UserError(f"{where}.metrics", f"metric '{m}' does not fit a {task_type} task", f"use some of {sorted(allowed)}")
+        if task_type == "classification" and "f1" in metrics and num_labels != 2:
+            raise UserError(f"{where}.metrics", "f1 is binary F1 and needs num_labels: 2", "use macro_f1 for more classes")
+        primary = raw.get("primary_metric", metrics[0])
+        if primary not in metrics:
+            raise UserError(f"{where}.primary_metric", f"'{primary}' is not among the task's metrics", f"use one of {list(metrics)}")
+
+        data_files = raw.get("data_files", {}) or {}
+        if not isinstance(data_files, dict) or not all(isinstance(v, str) for v in data_files.values()):
+            raise UserError(f"{where}.data_files", "must map split names to file paths", "e.g. data_files: {train: data/train.csv, validation: data/dev.csv}")
+        if base_dir is not None:  # paths in a suite are relative to the suite file
+            data_files = {k: str((base_dir / v).resolve()) for k, v in data_files.items()}
+        hub = raw.get("hub")
+        if hub is not None:
+            hub = [hub] if isinstance(hub, str) else hub
+            if not isinstance(hub, list) or not 1 <= len(hub) <= 2 or not all(isinstance(h, str) for h in hub):
+                raise UserError(f"{where}.hub", "must be a dataset id or [dataset id, config name]", "e.g. hub: [nyu-mll/glue, sst2]")
+            hub = tuple(hub)
+        if not (raw.get("local") or data_files or hub):
+            raise UserError(where, f"task '{name}' says nowhere to read its data", "give data_files, local or hub")
+        strings = {k: raw[k] for k in ("description", "local", "label_column", "train_split", "eval_split") if k in raw}
+        for key, value in strings.items():
+            if not isinstance(value, str):
+                raise UserError(f"{where}.{key}", "must be a string", f"quote the value of {key}")
+        return cls(
+            name=name, text_columns=need_list("text_columns"), metrics=metrics, primary_metric=primary,
+            type=task_type, num_labels=num_labels, data_files=data_files, hub=hub, **strings,
+        )
+
+
+def _load_builtin() -> dict[str, TaskSpec]:
+    path = Path(__file__).with_name("glue.yaml")
+    raw = yaml.safe_load(path.read_text())
+    return {name: TaskSpec.from_mapping(name, spec, f"{path}:{name}") for name, spec in raw.items()}
+
+
+BUILTIN_TASKS: dict[str, TaskSpec] = _load_builtin()

@@ -1,0 +1,102 @@
+"""The training and evaluation loop: AdamW, linear warm-up and decay, autocast,
+gradient accumulation, all under the meter. It knows a model with trainable
+parameters, not which method made it.
+"""
+
+import contextlib
+import math
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from harness.config import TrainSettings
+from harness.meter import Meter
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite; the cell stops early."""
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def total_steps(settings: TrainSettings, batches_per_epoch: int) -> int:
+    if settings.max_steps:
+        return settings.max_steps
+    return max(1, math.ceil((settings.epochs or 1.0) * batches_per_epoch))
+
+
+def micro_batches(batch: dict, size: int | None):
+    n = len(batch["labels"])
+    size = size or n
+    for start in range(0, n, size):
+        yield {k: v[start:start + size] for k, v in batch.items()}
+
+
+def train(model, param_groups, loader, settings: TrainSettings, device, meter: Meter, progress=True) -> list[float]:
+    """Train for the configured steps; returns the loss of every step."""
+    optimizer = torch.optim.AdamW(param_groups, weight_decay=settings.weight_decay)
+    steps = total_steps(settings, len(loader))
+    warmup = int(settings.warmup_ratio * steps)
+    schedule = lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
+    trainable = [p for g in param_groups for p in g["params"]]
+    losses: list[float] = []
+    model.train()
+    bar = tqdm(total=steps, desc="train", disable=not progress, mininterval=2, leave=False)
+    while len(losses) < steps:
+        for batch in loader:
+            batch = to_device(batch, device)
+            with meter.step(batch):
+                step_loss = 0.0
+                for micro in micro_batches(batch, settings.micro_batch_size):
+                    share = len(micro["labels"]) / len(batch["labels"])
+                    with meter.saved_tensors():
+                        with autocast(device, settings.precision):
+                            loss = model(**micro).loss * share
+                        if not torch.isfinite(loss):
+                            raise Diverged(f"loss is {loss.item()} at step {len(losses)}")
+                        scaler.scale(loss).backward()
+                    step_loss += loss.item()
+                if settings.max_grad_norm:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                if not losses:
+                    meter.record_states(model, optimizer)
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+            bar.update()
+            bar.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
+            if len(losses) >= steps:
+                break
+    bar.close()
+    return losses
+
+
+@torch.no_grad()
+def predict(model, loader, task, device, precision: str, progress=True) -> tuple[np.ndarray, np.ndarray, int]:
+    """Predictions and references over the whole loader, and the number of examples."""
+    model.eval()
+    predictions, references = [], []
+    for batch in tqdm(loader, desc="eval", disable=not progress, mininterval=2, leave=False):
+        batch = to_device(batch, device)
+        labels = batch.pop("labels")
+        with autocast(device, precision):
+            logits = model(**batch).logits.float()
+        predictions.append(logits.squeeze(-1) if task.is_regression else logits.argmax(-1))
+        references.append(labels)
+    predictions = torch.cat(predictions).cpu().numpy()
+    return predictions, torch.cat(references).cpu().numpy(), len(predictions)

@@ -1,0 +1,133 @@
+"""Run one cell in this process and write its result record.
+
+The runner starts `run_job` in a fresh process per cell, forked from a server
+that has imported torch and transformers once (`PRELOAD`): memory figures start
+clean, CUDA is first touched in the cell's own process, and a crash takes down
+one cell, not the suite. Every outcome the process lives to see (ok, failed, oom,
+diverged) is written as a record with the figures known up to then.
+"""
+
+import random
+import time
+import traceback
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harness import backbone, data, environment, results
+from harness.config import TrainSettings
+from harness.meter import Meter
+from harness.method import count, resolve
+from harness.metrics import METRICS
+from harness.tasks import TaskSpec
+from harness.train import Diverged, predict, train
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build(cell: dict, task: TaskSpec):
+    """Backbone with head, every method of the entry applied in order; (model, declared, optimizer groups)."""
+    model = backbone.load_model(cell["backbone"], task, cell["trust_remote_code"])
+    settings = TrainSettings(**cell["train"])
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    methods = [resolve(c["ref"], f"cell {cell['label']}")(**c["hparams"]) for c in cell["method"]]
+    declared = methods[0].expected_trainable_params(model, task) if len(methods) == 1 else None
+    for method in methods:
+        model = method.apply(model, task)
+    groups = methods[-1].param_groups(model, cell["lr"]) if len(methods) == 1 else \
+        [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cell["lr"]}]
+    return model, declared, groups
+
+
+def run_cell(cell: dict, data_dir: Path | None, device_name: str = "auto", progress: bool = True) -> dict:
+    started = time.time()
+    device = pick_device(device_name)
+    record = {"schema_version": results.SCHEMA_VERSION, "cell": cell, "status": "failed", "error": None,
+              "metrics": {}, "params": {}, "measurements": {}, "train": {},
+              "env": environment.describe(device), "started_at": _now()}
+    meter = None
+    try:
+        task = TaskSpec(**{**cell["task"], "text_columns": tuple(cell["task"]["text_columns"]),
+                           "metrics": tuple(cell["task"]["metrics"]),
+                           "hub": tuple(cell["task"]["hub"]) if cell["task"]["hub"] else None})
+        settings = TrainSettings(**cell["train"])
+        seed_everything(cell["seed"])
+        tokenizer = backbone.load_tokenizer(cell["backbone"], cell["trust_remote_code"])
+        model, declared, groups = build(cell, task)
+        model.to(device)
+        record["params"] = {"trainable": count(p for p in model.parameters() if p.requires_grad),
+                            "total": count(model.parameters()), "declared_trainable": declared}
+
+        train_frame = data.subset(data.load_split(task, task.train_split, data_dir), settings.max_train_samples)
+        eval_frame = data.subset(data.load_split(task, task.eval_split, data_dir), settings.max_eval_samples)
+        collate = data.make_collate(tokenizer, settings.padding, settings.max_seq_length)
+        generator = torch.Generator().manual_seed(cell["seed"])
+        train_loader = torch.utils.data.DataLoader(
+            data.Encoded(task, train_frame, tokenizer, settings.max_seq_length), batch_size=settings.batch_size,
+            shuffle=True, generator=generator, collate_fn=collate, drop_last=len(train_frame) > settings.batch_size)
+        eval_loader = torch.utils.data.DataLoader(
+            data.Encoded(task, eval_frame, tokenizer, settings.max_seq_length), batch_size=settings.eval_batch_size,
+            collate_fn=collate)
+        record["measurements"]["setup_seconds"] = time.time() - started
+
+        meter = Meter(model, device, settings.timing_warmup_steps, settings.nvml_interval_s)
+        with meter.phase("train"):
+            losses = train(model, groups, train_loader, settings, device, meter, progress)
+        record["train"] = {"steps": len(losses), "first_loss": losses[0], "final_loss": losses[-1], "losses": losses,
+                           "train_examples": len(train_frame)}
+        with meter.phase("eval"):
+            predictions, references, n = predict(model, eval_loader, task, device, settings.precision, progress)
+        record["metrics"] = {name: {"value": METRICS[name](predictions, references),
+                                    "higher_is_better": METRICS[name].higher_is_better} for name in task.metrics}
+        record["status"] = "ok"
+    except Diverged as exc:
+        record.update(status="diverged", error=_error(exc))
+    except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+        record.update(status="oom", error=_error(exc))
+    except Exception as exc:
+        record.update(status="failed", error=_error(exc))
+    finally:
+        if meter is not None:
+            record["measurements"].update(meter.summary())
+            if "eval_seconds" in record["measurements"] and record["status"] == "ok":
+                record["measurements"]["eval_samples_per_s"] = n / record["measurements"]["eval_seconds"]
+        record["measurements"]["total_seconds"] = time.time() - started
+        record["finished_at"] = _now()
+    return record
+
+
+def _error(exc: BaseException) -> dict:
+    tail = traceback.format_exception(exc)[-12:]
+    return {"type": type(exc).__name__, "message": str(exc).strip().splitlines()[0][:500] if str(exc).strip() else type(exc).__name__,
+            "traceback_tail": "".join(tail)[-4000:]}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# Imported once by the fork server, so that each cell's process starts warm.
+PRELOAD = ["harness.worker", "harness.method", "transformers.models.auto.modeling_auto",
+           "transformers.models.auto.tokenization_auto", "transformers.models.bert.modeling_bert", "peft"]
+
+
+def run_job(job: dict, record_path: str) -> None:
+    """Entry point of a cell's process: run the cell, write its record atomically."""
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter, not the user's concern
+    record = run_cell(job["cell"], Path(job["data_dir"]) if job["data_dir"] else None, job["device"], job["progress"])
+    record["config_hash"] = job["config_hash"]
+    results.write_atomic(Path(record_path), record)

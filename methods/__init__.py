@@ -1,0 +1,1 @@
+"""Tuning methods, one file each. Every module here is imported by the registry."""
