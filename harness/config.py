@@ -221,9 +221,7 @@ def _parse_entry(raw, where: str, suite_train: dict) -> MethodEntry:
     label = raw.get("label", "+".join(c.ref for c in components))
     if not isinstance(label, str) or not label or any(ch in label for ch in "/\\\0") or label.startswith("."):
         raise UserError(f"{where}.label", f"{label!r} is not a usable label", "use letters, digits, '-', '_', '+' or '.'")
-    lr = raw.get("lr")
-    if lr is None:
-        raise UserError(f"{where}.lr", "missing", "every method entry needs its learning rate, e.g. lr: 5.0e-5")
+    lr = raw.get("lr", resolve_method(components[0].ref, where).default_lr)
     lr = _check_type(f"{where}.lr", lr, float)
     if lr <= 0:
         raise UserError(f"{where}.lr", f"must be positive, got {lr}", "e.g. lr: 5.0e-5")

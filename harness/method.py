@@ -36,6 +36,7 @@ class Method:
     paper: ClassVar[str] = ""  # citation of the paper the defaults come from
     trains: ClassVar[str] = ""  # what is trained, in words, for the README table
     defaults: ClassVar[dict[str, Any]] = {}  # every hyperparameter, with the paper's default
+    default_lr: ClassVar[float] = 1e-3  # used when a suite entry gives no lr
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

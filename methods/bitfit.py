@@ -18,6 +18,7 @@ class BitFit(Method):
     description = "BitFit: only bias terms (and the head) are trained"
     paper = "Ben Zaken et al., BitFit, ACL 2022"
     trains = "all biases + head"
+    default_lr = 1e-3
 
     def apply(self, model, task):
         freeze_all(model)

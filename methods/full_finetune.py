@@ -12,6 +12,7 @@ class FullFineTune(Method):
     description = "full fine-tuning: every weight of backbone and head is trained"
     paper = "Devlin et al., BERT, NAACL 2019"
     trains = "all weights"
+    default_lr = 5e-5
 
     def apply(self, model, task):
         for p in model.parameters():

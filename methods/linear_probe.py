@@ -13,6 +13,7 @@ class LinearProbe(Method):
     description = "linear probe: frozen backbone, only the classification head is trained"
     paper = "Alain & Bengio, Understanding intermediate layers using linear classifier probes, 2016"
     trains = "task head"
+    default_lr = 1e-3
 
     def apply(self, model, task):
         freeze_all(model)

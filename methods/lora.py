@@ -15,6 +15,7 @@ class LoRA(Method):
     description = "LoRA (peft): rank-r updates on attention query/value, head trained"
     paper = "Hu et al., LoRA, ICLR 2022"
     trains = "low-rank A,B on query/value + head"
+    default_lr = 5e-4
     defaults = {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": ["query", "value"]}
 
     def check_hparams(self):

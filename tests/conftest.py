@@ -1,0 +1,47 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.tasks import TaskSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """Real GLUE parquet files: $HARNESS_DATA_DIR, else ../shared/data beside the checkout."""
+    path = Path(os.environ.get("HARNESS_DATA_DIR", SHARED_DATA))
+    if not (path / "glue").is_dir():
+        pytest.skip(f"no GLUE data at {path}")
+    return path
+
+
+def toy_task(num_labels: int = 2) -> TaskSpec:
+    kind = "regression" if num_labels == 1 else "classification"
+    metrics = ("pearson",) if num_labels == 1 else ("accuracy",)
+    return TaskSpec(name="toy", text_columns=("text",), metrics=metrics, primary_metric=metrics[0], type=kind,
+                    num_labels=num_labels, data_files={"train": "unused"})
+
+
+def tiny_bert(task: TaskSpec, seed: int = 0):
+    """A 2-layer random BERT with a classification head: fast, and shaped like the real backbone."""
+    from transformers import BertConfig, BertForSequenceClassification
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=64, num_labels=task.num_labels,
+                        problem_type="regression" if task.is_regression else "single_label_classification")
+    return BertForSequenceClassification(config)
+
+
+def toy_batch(task: TaskSpec, n: int = 8, length: int = 12, seed: int = 0) -> dict:
+    """Random tokens, except that the first token carries the label, so there is something to learn."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(20, 96, (n, length), generator=g)
+    labels = torch.rand(n, generator=g) * 5 if task.is_regression else torch.randint(0, task.num_labels, (n,), generator=g)
+    ids[:, 0] = 10 + labels.long()
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[: n // 2, length - 3:] = 0  # some padding, so masks matter
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids), "labels": labels}
