@@ -74,7 +74,7 @@ def check_split(task: TaskSpec, split: str, frame: pd.DataFrame) -> None:
     if labels.isna().any():
         raise UserError(where, f"{int(labels.isna().sum())} rows have no label", "drop them or fill the label column")
     if not task.is_regression:
-        bad = sorted(set(labels.unique()) - set(range(task.num_labels)))
+        bad = sorted({v.item() if hasattr(v, 'item') else v for v in labels.unique()} - set(range(task.num_labels)), key=str)
         if bad:
             raise UserError(where, f"labels {bad[:5]} are outside 0..{task.num_labels - 1}",
                             "labels must be integer class ids; fix num_labels or the data")

