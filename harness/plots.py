@@ -229,8 +229,13 @@ def draw(summary: Summary, out_dir: Path) -> dict[str, str]:
                           gap_w=margin + 0.3)
         for ax, (task, frame) in zip(axes, tasks):
             breakdown_panel(ax, task, frame.reset_index(drop=True))
-        handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="upper center", ncol=len(labels), frameon=False, bbox_to_anchor=(0.5, 1.0))
+        legend = {}
+        for ax in axes:  # a panel may lack a part (no device-measured peak, no figures at all)
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                legend.setdefault(label, handle)
+        if legend:
+            fig.legend(legend.values(), legend.keys(), loc="upper center", ncol=len(legend), frameon=False,
+                       bbox_to_anchor=(0.5, 1.0))
         _save(fig, out_dir / "memory_breakdown")
         written["memory_breakdown"] = TITLES["memory_breakdown"]
     return written

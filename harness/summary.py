@@ -85,8 +85,9 @@ def prepare_cells(frame: pd.DataFrame) -> pd.DataFrame:
     frame["peak_bytes"] = [p for p, _ in peaks]
     frame["peak_source"] = [s for _, s in peaks]
     for label, columns in BREAKDOWN:
-        frame[label] = sum(pd.to_numeric(frame.get(c), errors="coerce").fillna(0) for c in columns)
-        frame.loc[frame[list(columns)].isna().all(axis=1), label] = np.nan
+        parts = pd.DataFrame({c: pd.to_numeric(frame[c], errors="coerce") if c in frame else np.nan for c in columns},
+                             index=frame.index)
+        frame[label] = parts.sum(axis=1, min_count=1)  # empty when the record has none of them
     numeric = ["metric", "activation_bytes", "trainable_params", "total_params", "train_samples_per_s", "train_seconds"]
     frame[numeric] = frame[numeric].apply(pd.to_numeric, errors="coerce")
     return frame

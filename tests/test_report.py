@@ -256,6 +256,27 @@ def test_user_data_is_escaped(tmp_path):
     assert "m1 \\| \\*x\\* $x^$" in markdown  # a pipe cannot break the table, stars cannot make italics
 
 
+def test_a_run_where_nothing_finished_is_still_reported(tmp_path):
+    failed = tmp_path / "results"
+    failed.mkdir()
+    for path in FIXTURE.glob("*time-limit*.json"):
+        shutil.copy(path, failed)
+    page = report.write_report(failed, tmp_path / "out").read_text()
+    assert page.count('<span class="status">timeout</span>') == 4 + 2 + 1  # failed table (4 cells), per task (2), across tasks (1)
+    assert "no finished method" in page
+
+
+def test_frontier_minimises_a_lower_is_better_metric(tmp_path):
+    mse = {"linear_probe": 0.5, "bitfit": 0.4, "full": 0.6}  # bitfit: better and dearer; full: worse and dearest
+    for name, value in mse.items():
+        record = json.loads((FIXTURE / f"stsb__{name}__seed0.json").read_text())
+        record["cell"]["task"].update(metrics=["mse"], primary_metric="mse")
+        record["metrics"] = {"mse": {"value": value, "higher_is_better": False}}
+        (tmp_path / f"stsb__{name}__seed0.json").write_text(json.dumps(record))
+    table = summary.summarize(tmp_path).per_task.set_index("method")
+    assert table["pareto"].to_dict() == {"linear_probe": True, "bitfit": True, "full": False}
+
+
 def test_peak_memory_prefers_device_figures():
     row = {"peak_gpu_allocated_bytes": 3.0, "nvml_peak_bytes": 2.0, "modelled_peak_bytes": 1.0}
     assert summary.peak_memory(row) == (3.0, "CUDA allocated")
