@@ -20,7 +20,30 @@ def _cmd_run(args) -> int:
     for r in records:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     print(f"{suite.name}: {len(records)} cells ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}); results in {out_dir}")
+    if not args.no_report:
+        _report_after_run(out_dir, Path("reports") / suite.name)
     return 0 if counts.get("ok", 0) == len(records) else 1
+
+
+def _report_after_run(results_dir: Path, out_dir: Path) -> None:
+    """The report is a view of the results: if it fails, say so, keep the results and the run's exit status."""
+    try:
+        from harness import report
+        path = report.write_report(results_dir, out_dir)
+        print(f"report: {path} (and {path.with_name(report.MARKDOWN_NAME).name})")
+    except Exception as exc:  # noqa: BLE001 (any failure of the view must not fail the run)
+        print(f"warning: the report failed ({type(exc).__name__}: {exc}); results are kept in {results_dir}; "
+              f"retry with `python -m harness report {results_dir}`", file=sys.stderr)
+
+
+def _cmd_report(args) -> int:
+    from harness import report
+    results_dir = Path(args.results_dir)
+    if not results_dir.is_dir():
+        raise UserError(str(results_dir), "results folder not found", "give the folder `harness run` wrote, e.g. results/smoke")
+    path = report.write_report(results_dir, Path(args.out) if args.out else report.default_out_dir(results_dir))
+    print(f"report: {path} (and {path.with_name(report.MARKDOWN_NAME).name}, figures as PNG and SVG beside them)")
+    return 0
 
 
 def _cmd_validate(args) -> int:
@@ -58,7 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train (default: cuda if available)")
     run.add_argument("--max-train-samples", type=_positive_int, help="cap every task's train set (overrides the suite)")
     run.add_argument("--fresh", action="store_true", help="rerun cells that already have a result")
+    run.add_argument("--no-report", action="store_true", help="do not write the report (reports/<suite name>) at the end")
     run.set_defaults(func=_cmd_run)
+
+    report = sub.add_parser("report", help="write the HTML and Markdown report of a results folder",
+                            description="Summarize a results folder into report.html (self-contained), report.md and figures (PNG, SVG).")
+    report.add_argument("results_dir", help="folder of result records, e.g. results/glue_small")
+    report.add_argument("--out", help="where to write the report (default: reports/<suite name>)")
+    report.set_defaults(func=_cmd_report)
 
     validate = sub.add_parser("validate", help="check a suite (config, methods, data) without training", description="Check a suite's YAML, methods, hyperparameters and data without training.")
     validate.add_argument("suite")

@@ -85,7 +85,7 @@ def to_row(record: dict) -> dict:
         "train_seconds": record.get("measurements", {}).get("train_seconds"),
         "backbone": cell.get("backbone_description"), "device": record.get("env", {}).get("device"),
         "config_hash": record.get("config_hash"), "error": (record.get("error") or {}).get("message"),
-        "path": record.get("_path"),
+        "path": record.get("_path"), "family": stack_family(record),
     }
     for name, m in metrics.items():
         row[f"metric_{name}"] = m.get("value")
@@ -93,6 +93,27 @@ def to_row(record: dict) -> dict:
         if not isinstance(value, (list, dict)):
             row.setdefault(key, value)
     return row
+
+
+def stack_family(record: dict) -> str | None:
+    """Family of a cell's method stack: METL if any component is, else PETL if any is, else baseline.
+
+    Read from `method_info`, which the worker writes from the resolved classes, so a
+    reader never imports methods; None for records without it (a worker that died early).
+    """
+    families = {info.get("family") for info in record.get("method_info") or []}
+    if not families:
+        return None
+    return "METL" if "METL" in families else "PETL" if "PETL" in families else "baseline"
+
+
+def to_frame(records: list[dict]) -> pd.DataFrame:
+    """One row per record, with every core and memory column present (empty where not measured)."""
+    frame = pd.DataFrame([to_row(r) for r in records])
+    for column in CORE_COLUMNS + MEMORY_COLUMNS:  # a figure the device did not give is empty, not absent
+        if column not in frame.columns:
+            frame[column] = None
+    return frame
 
 
 def load(directory: str | Path, *, strict: bool = False) -> pd.DataFrame:
@@ -104,8 +125,4 @@ def load(directory: str | Path, *, strict: bool = False) -> pd.DataFrame:
             raise ValueError(message)
         import warnings
         warnings.warn(f"skipped unreadable result files: {message}", stacklevel=2)
-    frame = pd.DataFrame([to_row(r) for r in found.records])
-    for column in CORE_COLUMNS + MEMORY_COLUMNS:  # a figure the device did not give is empty, not absent
-        if column not in frame.columns:
-            frame[column] = None
-    return frame
+    return to_frame(found.records)

@@ -53,6 +53,13 @@ def build(cell: dict, task: TaskSpec):
     return model, declared, groups
 
 
+def describe_methods(cell: dict) -> list[dict]:
+    """What each component of the stack is, so that readers of the record need not import methods."""
+    classes = [resolve(c["ref"], f"cell {cell['label']}") for c in cell["method"]]
+    return [{"ref": c["ref"], "name": cls.name, "family": cls.family, "description": cls.description}
+            for c, cls in zip(cell["method"], classes)]
+
+
 def run_cell(cell: dict, data_dir: Path | None, device_name: str = "auto", progress: bool = True) -> dict:
     started = time.time()
     device = pick_device(device_name)
@@ -65,6 +72,7 @@ def run_cell(cell: dict, data_dir: Path | None, device_name: str = "auto", progr
                            "metrics": tuple(cell["task"]["metrics"]),
                            "hub": tuple(cell["task"]["hub"]) if cell["task"]["hub"] else None})
         settings = TrainSettings(**cell["train"])
+        record["method_info"] = describe_methods(cell)
         seed_everything(cell["seed"])
         tokenizer = backbone.load_tokenizer(cell["backbone"], cell["trust_remote_code"])
         model, declared, groups = build(cell, task)
