@@ -7,10 +7,14 @@ suite runs with no network. Any local folder or hub id works otherwise.
 
 import contextlib
 import io
+import json
 import warnings
 from pathlib import Path
 
+import torch
+
 DEFAULT = "minilm-l6"
+POOLINGS = ("auto", "cls", "mean")
 
 
 def resolve(ref: str | None) -> str:
@@ -34,8 +38,54 @@ def load_tokenizer(ref: str | None, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(resolve(ref), trust_remote_code=trust_remote_code)
 
 
-def load_model(ref: str | None, task, trust_remote_code: bool = False):
-    """The backbone with a freshly initialised sequence-classification head for `task`."""
+def declared_pooling(ref: str | None) -> str:
+    """The pooling a sentence-transformers folder declares (1_Pooling/config.json); else 'cls'."""
+    config = Path(resolve(ref)) / "1_Pooling" / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("pooling_mode_mean_tokens"):
+        return "mean"
+    return "cls"
+
+
+class MaskedMeanPooler(torch.nn.Module):
+    """Stands in for BERT's [CLS] pooler: the mean of the non-padding tokens' last hidden states.
+
+    Backbones trained with mean pooling (sentence-transformers) never trained their
+    [CLS] pooler, so a head on it starts from a poor representation. The mask is
+    captured by a pre-hook on the backbone; where soft-prompt methods lengthen it,
+    its last `seq_len` entries line up with the hidden states.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.mask = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.mask is None:
+            return hidden.mean(1)
+        mask = self.mask[:, -hidden.shape[1]:].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def use_mean_pooling(model) -> None:
+    base = model.base_model
+    if getattr(base, "pooler", None) is None and not hasattr(base, "pooler"):
+        raise ValueError(f"mean pooling needs a backbone with a pooler to replace; {type(base).__name__} has none")
+    pooler = MaskedMeanPooler()
+    base.pooler = pooler
+
+    def remember_mask(module, args, kwargs):
+        pooler.mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
+    base.register_forward_pre_hook(remember_mask, with_kwargs=True)
+
+
+def load_model(ref: str | None, task, trust_remote_code: bool = False, pooling: str = "auto"):
+    """The backbone with a freshly initialised sequence-classification head for `task`.
+
+    pooling: what the head reads. 'cls' is the Hugging Face default (the [CLS]
+    pooler); 'mean' averages the non-padding tokens; 'auto' takes what the
+    backbone's folder declares (see declared_pooling).
+    """
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -44,5 +94,10 @@ def load_model(ref: str | None, task, trust_remote_code: bool = False):
     problem = "regression" if task.is_regression else "single_label_classification"
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        return AutoModelForSequenceClassification.from_pretrained(
-            resolve(ref), num_labels=task.num_labels, problem_type=problem, trust_remote_code=trust_remote_code)
+        # fp32 master weights whatever the checkpoint's dtype: lower precision is a training setting (autocast).
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolve(ref), num_labels=task.num_labels, problem_type=problem, trust_remote_code=trust_remote_code,
+            dtype=torch.float32)
+    if (declared_pooling(ref) if pooling == "auto" else pooling) == "mean":
+        use_mean_pooling(model)
+    return model

@@ -10,6 +10,7 @@ import difflib
 import hashlib
 import json
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,7 @@ class TrainSettings:
     precision: str = "fp32"  # "fp32", "bf16" or "fp16" autocast
     gradient_checkpointing: bool = False
     timing_warmup_steps: int = 3  # steps left out of throughput figures
+    count_activations: str = "per_shape"  # "per_shape": once per distinct batch shape; "every_step"
     nvml_interval_s: float = 0.02  # NVML sampling period
     time_limit_s: float | None = None  # a cell running longer is stopped and recorded as timeout
 
@@ -56,6 +58,8 @@ class TrainSettings:
             raise ValueError(f"warmup_ratio: must be below 1, got {self.warmup_ratio}")
         if self.padding not in ("dynamic", "max_length"):
             raise ValueError(f"padding: '{self.padding}' is not one of dynamic, max_length")
+        if self.count_activations not in ("per_shape", "every_step"):
+            raise ValueError(f"count_activations: '{self.count_activations}' is not one of per_shape, every_step")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision: '{self.precision}' is not one of fp32, bf16, fp16")
         if self.micro_batch_size and self.batch_size % self.micro_batch_size:
@@ -86,6 +90,7 @@ class Cell:
     train: TrainSettings
     backbone: str | None
     trust_remote_code: bool
+    pooling: str = "auto"
 
     @property
     def key(self) -> str:
@@ -97,6 +102,7 @@ class Cell:
             "method": [dataclasses.asdict(c) for c in self.entry.components], "lr": self.entry.lr,
             "train": dataclasses.asdict(self.train), "backbone": self.backbone,
             "backbone_description": backbones.describe(self.backbone), "trust_remote_code": self.trust_remote_code,
+            "pooling": self.pooling,
         }
 
     def config_hash(self) -> str:
@@ -114,6 +120,7 @@ class Suite:
     train: TrainSettings
     backbone: str | None = None
     trust_remote_code: bool = False
+    pooling: str = "auto"
     description: str = ""
     gate: dict = field(default_factory=dict)  # regression-gate settings, read by `harness compare`
 
@@ -125,7 +132,8 @@ class Suite:
                 if max_train_samples is not None:
                     settings = dataclasses.replace(settings, max_train_samples=max_train_samples)
                 for seed in self.seeds:
-                    cells.append(Cell(self.name, task, entry, seed, settings, self.backbone, self.trust_remote_code))
+                    cells.append(Cell(self.name, task, entry, seed, settings, self.backbone, self.trust_remote_code,
+                                      self.pooling))
         return cells
 
 
@@ -269,12 +277,17 @@ def load_suite(path: str | Path) -> Suite:
     name = raw.get("name", path.stem)
     if not isinstance(name, str) or not name or "/" in name:
         raise UserError(f"{where}.name", f"{name!r} is not a usable suite name", "use a short name without '/'")
-    backbone, trust = raw.get("backbone"), False
+    backbone, trust, pooling = raw.get("backbone"), False, "auto"
     if isinstance(backbone, dict):
         for key in backbone:
-            if key not in ("name", "trust_remote_code"):
-                raise _unknown(f"{where}.backbone", key, {"name", "trust_remote_code"})
+            if key not in ("name", "trust_remote_code", "pooling"):
+                raise _unknown(f"{where}.backbone", key, {"name", "trust_remote_code", "pooling"})
         trust = _check_type(f"{where}.backbone.trust_remote_code", backbone.get("trust_remote_code", False), bool)
+        pooling = backbone.get("pooling", "auto")
+        if pooling not in backbones.POOLINGS:
+            raise UserError(f"{where}.backbone.pooling", f"{pooling!r} is not a pooling", f"use one of {', '.join(backbones.POOLINGS)}")
+        if trust:
+            warnings.warn(f"{where}: trust_remote_code is on: the backbone's own Python code will run", stacklevel=2)
         backbone = backbone.get("name")
     if backbone is not None and not isinstance(backbone, str):
         raise UserError(f"{where}.backbone", "must be a model path or hub id", f"e.g. backbone: {backbones.DEFAULT}")
@@ -293,7 +306,7 @@ def load_suite(path: str | Path) -> Suite:
     if not isinstance(gate, dict):
         raise UserError(f"{where}.gate", "must be a mapping", "e.g. gate: {memory_tolerance: 2%}")
     description = raw.get("description", "")
-    return Suite(name, path, tasks, entries, tuple(seeds), settings, backbone, trust, str(description), gate)
+    return Suite(name, path, tasks, entries, tuple(seeds), settings, backbone, trust, pooling, str(description), gate)
 
 
 def _no_duplicates(items, where, fix):

@@ -3,8 +3,13 @@
 Exact on any device:
 - activation_bytes: bytes of tensors saved for backward during one forward
   (micro-)batch, counted with `torch.autograd.graph.saved_tensors_hooks`,
-  storages de-duplicated and parameters/buffers left out; the maximum over all
-  training steps. Deterministic on CPU, so gates can rest on it.
+  storages de-duplicated and parameters/buffers left out; the maximum over the
+  counted steps. What autograd saves is a function of the batch's shapes for
+  every method here, so by default each distinct shape is counted once
+  (`count_activations: per_shape`): the maximum is the same as counting every
+  step, and the per-tensor Python hook stays off most steps of a long run.
+  A method whose saved bytes depend on the values (data-dependent sparsity)
+  needs `every_step`. Deterministic on CPU, so gates can rest on it.
 - frozen/trainable parameter bytes, buffer bytes, gradient bytes (after the
   first backward) and optimizer-state bytes (after the first optimizer step).
 - modelled_peak_bytes: their sum, a model of the training peak that leaves out
@@ -53,6 +58,14 @@ def unique_bytes(tensors) -> int:
     return sum(seen.values())
 
 
+def _fast_key(t: torch.Tensor):
+    """storage_key without building a storage object: the hook runs for every saved tensor."""
+    try:
+        return t.is_cuda, t.data_ptr() - t.storage_offset() * t.element_size()
+    except RuntimeError:  # tensor subclasses without plain data
+        return t.is_cuda, id(t)
+
+
 class SavedTensorCounter:
     """Counts the distinct storages autograd saves for backward while active.
 
@@ -62,15 +75,15 @@ class SavedTensorCounter:
     """
 
     def __init__(self, model: torch.nn.Module):
-        self.exclude = {storage_key(t) for t in (*model.parameters(), *model.buffers())}
+        self.exclude = {_fast_key(t) for t in (*model.parameters(), *model.buffers())}
         self.peak = 0
         self.last = 0
         self._seen: dict = {}
 
     def _pack(self, t):
-        key = storage_key(t)
-        if key not in self.exclude and key not in self._seen:
-            self._seen[key] = storage_bytes(t)
+        key = _fast_key(t)
+        if key not in self._seen and key not in self.exclude:
+            self._seen[key] = storage_bytes(t)  # a size, not the tensor: holding it would extend its life
         return t
 
     def __enter__(self):
@@ -154,8 +167,10 @@ class Meter:
     """
 
     def __init__(self, model: torch.nn.Module, device: torch.device, timing_warmup_steps: int = 3,
-                 nvml_interval_s: float = 0.02, enabled: bool = True):
+                 nvml_interval_s: float = 0.02, enabled: bool = True, count_activations: str = "per_shape"):
         self.model, self.device, self.enabled = model, device, enabled
+        self.count_every_step = count_activations == "every_step"
+        self._counted_shapes: set = set()
         self.cuda = device.type == "cuda"
         self.timing_warmup_steps = timing_warmup_steps
         self.nvml_interval_s = nvml_interval_s
@@ -215,9 +230,15 @@ class Meter:
         tokens = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
         self.steps.append((time.perf_counter() - start, len(batch["labels"]), tokens))
 
-    def saved_tensors(self):
-        """Wrap one forward+backward: its saved tensors are counted."""
-        return self.saved if self.enabled else contextlib.nullcontext()
+    def saved_tensors(self, batch: dict):
+        """Wrap one forward+backward of `batch`: its saved tensors are counted (see count_activations)."""
+        if not self.enabled:
+            return contextlib.nullcontext()
+        shape = tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()))
+        if shape in self._counted_shapes and not self.count_every_step:
+            return contextlib.nullcontext()
+        self._counted_shapes.add(shape)
+        return self.saved
 
     def record_states(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         """Call once after the first optimizer step, before gradients are cleared."""

@@ -61,7 +61,7 @@ def train(model, param_groups, loader, settings: TrainSettings, device, meter: M
                 step_loss = 0.0
                 for micro in micro_batches(batch, settings.micro_batch_size):
                     share = len(micro["labels"]) / len(batch["labels"])
-                    with meter.saved_tensors():
+                    with meter.saved_tensors(micro):
                         with autocast(device, settings.precision):
                             loss = model(**micro).loss * share
                         if not torch.isfinite(loss):

@@ -40,7 +40,7 @@ def seed_everything(seed: int) -> None:
 
 def build(cell: dict, task: TaskSpec):
     """Backbone with head, every method of the entry applied in order; (model, declared, optimizer groups)."""
-    model = backbone.load_model(cell["backbone"], task, cell["trust_remote_code"])
+    model = backbone.load_model(cell["backbone"], task, cell["trust_remote_code"], cell.get("pooling", "auto"))
     settings = TrainSettings(**cell["train"])
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -92,7 +92,8 @@ def run_cell(cell: dict, data_dir: Path | None, device_name: str = "auto", progr
             collate_fn=collate)
         record["measurements"]["setup_seconds"] = time.time() - started
 
-        meter = Meter(model, device, settings.timing_warmup_steps, settings.nvml_interval_s)
+        meter = Meter(model, device, settings.timing_warmup_steps, settings.nvml_interval_s,
+                      count_activations=settings.count_activations)
         with meter.phase("train"):
             losses = train(model, groups, train_loader, settings, device, meter, progress)
         record["train"] = {"steps": len(losses), "first_loss": losses[0], "final_loss": losses[-1], "losses": losses,

@@ -81,6 +81,19 @@ def test_freezing_more_saves_fewer_activations():
     assert full["activation_bytes"] > top_only["activation_bytes"] > head_only["activation_bytes"] > 0
 
 
+def test_counting_per_shape_gives_the_same_peak_as_every_step():
+    model = mlp()
+    batches = [{"x": torch.randn(rows, 4)} for rows in (5, 9, 5, 2, 9)]
+    peaks = {}
+    for mode in ("per_shape", "every_step"):
+        meter = Meter(model, torch.device("cpu"), count_activations=mode)
+        for batch in batches:
+            with meter.saved_tensors(batch):
+                model(batch["x"]).pow(2).sum().backward()
+        peaks[mode] = meter.saved.peak
+    assert peaks["per_shape"] == peaks["every_step"] == 9 * (4 + 8 + 3) * F32
+
+
 def test_counts_are_identical_across_runs_with_the_same_seed():
     _, a = train_tiny(3)
     _, b = train_tiny(3)

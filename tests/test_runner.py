@@ -15,7 +15,7 @@ train: {max_steps: 4, batch_size: 8, max_train_samples: 64, max_eval_samples: 32
 
 
 def run(suite, out, data_dir, *extra):
-    return main(["run", str(suite), "--out", str(out), "--data-dir", str(data_dir), *extra])
+    return main(["run", str(suite), "--out", str(out), "--data-dir", str(data_dir), "--no-report", *extra])
 
 
 def test_run_writes_one_complete_record_per_cell(tiny_suite, tmp_path, data_dir):

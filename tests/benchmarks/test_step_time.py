@@ -46,7 +46,7 @@ def prepared(name, device):
 
 def one_step(model, optimizer, batch, meter):
     with meter.step(batch):
-        with meter.saved_tensors():
+        with meter.saved_tensors(batch):
             model(**batch).loss.backward()
         optimizer.step()
         if not optimizer.state.get("_recorded"):
