@@ -1,4 +1,4 @@
-"""`python -m harness ...`: run, validate, list, report, compare.
+"""`python -m harness ...`: run, validate, list, report, compare, export.
 
 User mistakes come out as one line on stderr and exit status 2.
 """
@@ -70,6 +70,26 @@ def _cmd_list(args) -> int:
     return 0
 
 
+def _cmd_compare(args) -> int:
+    from harness import compare, gate
+    suite_gate = {}
+    if args.suite:  # only then pay for importing the suite schema (torch, the method registry)
+        from harness import config
+        suite_gate = config.load_suite(args.suite).gate
+    settings = gate.resolve(suite_gate, {"memory_tolerance": args.memory_tolerance,
+                                         "metric_tolerance": args.metric_tolerance, "time_tolerance": args.time_tolerance})
+    result = compare.compare(args.baseline, args.current, settings)
+    print(compare.render_markdown(result) if args.format == "markdown" else compare.render_text(result))
+    return 1 if result.failed else 0
+
+
+def _cmd_export(args) -> int:
+    from harness import compare
+    count = compare.export(args.results, args.file)
+    print(f"{count} records from {args.results} written to {args.file}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m harness", description="Benchmark PETL and METL methods on the same work.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +119,25 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("what", choices=["methods", "tasks"])
     listing.add_argument("-v", "--verbose", action="store_true", help="with papers and default hyperparameters")
     listing.set_defaults(func=_cmd_list)
+
+    comp = sub.add_parser("compare", help="gate a run against a baseline: exit 1 if anything regressed",
+                          description="Match cells by task, method label and seed; judge memory, metric and time against "
+                                      "tolerances. Exit 0: nothing regressed; 1: a regression or a cell missing from CURRENT; "
+                                      "2: bad input. Tolerances: flag, else the suite's gate: mapping, else the default.")
+    comp.add_argument("baseline", help="results directory or baseline file (harness export), e.g. results/baselines/smoke")
+    comp.add_argument("current", help="results directory or baseline file of the run to judge")
+    comp.add_argument("--memory-tolerance", metavar="PCT", help="relative, e.g. 2%% (default), 0 for exact, or off")
+    comp.add_argument("--metric-tolerance", metavar="POINTS", help="absolute points of the primary metric, 1 pt = 0.01 (default 1.0), or off")
+    comp.add_argument("--time-tolerance", metavar="PCT", help="relative, on train_seconds and step_time_median_s (default 50%%), or off")
+    comp.add_argument("--format", choices=["text", "markdown"], default="text", help="markdown for a PR comment")
+    comp.add_argument("--suite", help="suite YAML whose gate: mapping sets tolerances and gated figures")
+    comp.set_defaults(func=_cmd_compare)
+
+    exp = sub.add_parser("export", help="write a results directory into one baseline file",
+                         description="Write every record of a results directory into one JSON file that compare accepts as BASELINE.")
+    exp.add_argument("results", help="results directory, e.g. results/smoke")
+    exp.add_argument("file", help="baseline file to write, e.g. baselines/smoke.json")
+    exp.set_defaults(func=_cmd_export)
     return parser
 
 

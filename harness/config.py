@@ -18,6 +18,7 @@ import yaml
 
 from harness import backbone as backbones
 from harness.errors import UserError
+from harness.gate import parse_settings as parse_gate
 from harness.method import resolve as resolve_method
 from harness.tasks import BUILTIN_TASKS, TaskSpec
 
@@ -302,9 +303,7 @@ def load_suite(path: str | Path) -> Suite:
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
         raise UserError(f"{where}.seeds", "must be a non-empty list of non-negative integers", "e.g. seeds: [0, 1, 2]")
     _no_duplicates(seeds, f"{where}.seeds", "list each seed once")
-    gate = raw.get("gate", {}) or {}
-    if not isinstance(gate, dict):
-        raise UserError(f"{where}.gate", "must be a mapping", "e.g. gate: {memory_tolerance: 2%}")
+    gate = parse_gate(raw.get("gate"), f"{where}.gate")
     description = raw.get("description", "")
     return Suite(name, path, tasks, entries, tuple(seeds), settings, backbone, trust, pooling, str(description), gate)
 

@@ -40,14 +40,19 @@ def write_atomic(path: Path, data: dict) -> None:
         raise
 
 
+def is_record(obj) -> bool:
+    """Whether a decoded JSON value is a result record of this schema."""
+    return isinstance(obj, dict) and obj.get("schema_version") == SCHEMA_VERSION and obj.get("status") in STATUSES \
+        and isinstance(obj.get("cell"), dict)
+
+
 def read_record(path: Path) -> dict:
     """A record, or ValueError saying why the file is not one."""
     try:
         record = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(record, dict) or record.get("schema_version") != SCHEMA_VERSION or record.get("status") not in STATUSES \
-            or not isinstance(record.get("cell"), dict):
+    if not is_record(record):
         raise ValueError(f"{path}: not a result record of schema {SCHEMA_VERSION}")
     return record
 
