@@ -124,12 +124,14 @@ class Suite:
     pooling: str = "auto"
     description: str = ""
     gate: dict = field(default_factory=dict)  # regression-gate settings, read by `harness compare`
+    task_train: dict = field(default_factory=dict)  # task name -> overrides of `train` for that task
 
     def cells(self, max_train_samples: int | None = None) -> list[Cell]:
+        """Suite settings, then the task's overrides, then the method entry's, then the CLI's cap."""
         cells = []
         for task in self.tasks:
             for entry in self.methods:
-                settings = dataclasses.replace(self.train, **entry.train)
+                settings = dataclasses.replace(self.train, **{**self.task_train.get(task.name, {}), **entry.train})
                 if max_train_samples is not None:
                     settings = dataclasses.replace(settings, max_train_samples=max_train_samples)
                 for seed in self.seeds:
@@ -239,18 +241,31 @@ def _parse_entry(raw, where: str, suite_train: dict) -> MethodEntry:
     return MethodEntry(label, components, lr, overrides)
 
 
-def _parse_task(raw, where: str, base_dir: Path) -> TaskSpec:
+def _parse_task(raw, where: str, base_dir: Path, suite_train: dict) -> tuple[TaskSpec, dict]:
+    """A task and its training overrides: `sst2`, `{task: sst2, train: {...}}`, or a new task's mapping."""
+    if isinstance(raw, dict) and "task" in raw:
+        for key in raw:
+            if key not in ("task", "train"):
+                raise _unknown(where, key, {"task", "train"})
+        overrides = parse_train(raw.get("train"), f"{where}.train")
+        _settings({**suite_train, **overrides}, f"{where}.train")
+        return _parse_task(raw["task"], where, base_dir, suite_train)[0], overrides
+    if isinstance(raw, dict) and "train" in raw:  # a new task declared here may carry overrides too
+        raw = dict(raw)
+        overrides = parse_train(raw.pop("train"), f"{where}.train")
+        _settings({**suite_train, **overrides}, f"{where}.train")
+        return _parse_task(raw, where, base_dir, suite_train)[0], overrides
     if isinstance(raw, str):
         if raw not in BUILTIN_TASKS:
             close = difflib.get_close_matches(raw, BUILTIN_TASKS, n=1)
             fix = f"did you mean '{close[0]}'?" if close else "use a GLUE task (`harness list tasks`) or declare one as a mapping"
             raise UserError(where, f"unknown task '{raw}'", fix)
-        return BUILTIN_TASKS[raw]
+        return BUILTIN_TASKS[raw], {}
     if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
         raise UserError(where, "a task must be a name or a mapping with a name", "e.g. - sst2, or - {name: my_task, data_files: ...}")
     raw = dict(raw)
     name = raw.pop("name")
-    return TaskSpec.from_mapping(name, raw, where, base_dir)
+    return TaskSpec.from_mapping(name, raw, where, base_dir), {}
 
 
 def load_suite(path: str | Path) -> Suite:
@@ -295,7 +310,9 @@ def load_suite(path: str | Path) -> Suite:
 
     suite_train = parse_train(raw.get("train"), f"{where}.train")
     settings = _settings(suite_train, f"{where}.train")
-    tasks = tuple(_parse_task(t, f"{where}.tasks[{i}]", path.parent) for i, t in enumerate(raw["tasks"]))
+    parsed = [_parse_task(t, f"{where}.tasks[{i}]", path.parent, suite_train) for i, t in enumerate(raw["tasks"])]
+    tasks = tuple(task for task, _ in parsed)
+    task_train = {task.name: overrides for task, overrides in parsed if overrides}
     _no_duplicates([t.name for t in tasks], f"{where}.tasks", "each task once")
     entries = tuple(_parse_entry(m, f"{where}.methods[{i}]", suite_train) for i, m in enumerate(raw["methods"]))
     _no_duplicates([e.label for e in entries], f"{where}.methods", "give repeated methods distinct labels: label: lora-r16")
@@ -305,7 +322,15 @@ def load_suite(path: str | Path) -> Suite:
     _no_duplicates(seeds, f"{where}.seeds", "list each seed once")
     gate = parse_gate(raw.get("gate"), f"{where}.gate")
     description = raw.get("description", "")
-    return Suite(name, path, tasks, entries, tuple(seeds), settings, backbone, trust, pooling, str(description), gate)
+    suite = Suite(name, path, tasks, entries, tuple(seeds), settings, backbone, trust, pooling, str(description), gate,
+                  task_train)
+    try:  # a task's and a method's overrides may each be fine and clash together
+        suite.cells()
+    except ValueError as exc:
+        key, _, problem = str(exc).partition(": ")
+        raise UserError(f"{where}.train.{key}", f"{problem} once task and method overrides combine",
+                        "make the task's and method's train settings agree") from None
+    return suite
 
 
 def _no_duplicates(items, where, fix):
