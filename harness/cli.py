@@ -34,8 +34,13 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_list(args) -> int:
+    if args.markdown and args.what != "methods":
+        raise UserError("--markdown", f"only `list methods` has a Markdown table, not `list {args.what}`", "drop --markdown")
     if args.what == "methods":
         from harness.method import registry
+        if args.markdown:
+            print(_methods_table(registry()))
+            return 0
         for name, cls in registry().items():
             print(f"{name:<20} {cls.family:<9} {cls.description}")
             if args.verbose:
@@ -45,6 +50,15 @@ def _cmd_list(args) -> int:
         for name, task in BUILTIN_TASKS.items():
             print(f"{name:<8} {task.type:<14} {task.primary_metric:<22} {task.description}")
     return 0
+
+
+def _methods_table(methods: dict) -> str:
+    """The README's table of methods, generated from the registry (name, family, paper, what is trained)."""
+    def cell(text: str) -> str:
+        return (text or "-").replace("|", "\\|")
+    rows = ["| method | family | paper | what is trained |", "| --- | --- | --- | --- |"]
+    rows += [f"| `{name}` | {cls.family} | {cell(cls.paper)} | {cell(cls.trains)} |" for name, cls in methods.items()]
+    return "\n".join(rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("list", help="what the registries hold", description="List registered methods or built-in tasks.")
     listing.add_argument("what", choices=["methods", "tasks"])
     listing.add_argument("-v", "--verbose", action="store_true", help="with papers and default hyperparameters")
+    listing.add_argument("--markdown", action="store_true", help="methods as a Markdown table (name, family, paper, what is trained), for the README")
     listing.set_defaults(func=_cmd_list)
     return parser
 
