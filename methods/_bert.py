@@ -34,7 +34,8 @@ def encoder_layers(model: torch.nn.Module, method: str) -> list[torch.nn.Module]
         problem = "has no base_model.encoder.layer list"
     else:
         for i, layer in enumerate(layers):
-            missing = [p for p in LINEAR_PATHS.values() if not isinstance(_get(layer, p), torch.nn.Linear)]
+            # a linear layer, or one a peft method has already wrapped (it keeps in_features)
+            missing = [p for p in LINEAR_PATHS.values() if not hasattr(_get(layer, p), "in_features")]
             missing += [f"{s}.{part}" for s in ("attention.output", "output") for part in _SUBLAYER_PARTS
                         if _get(layer, f"{s}.{part}") is None]
             if missing:

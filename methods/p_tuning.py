@@ -13,13 +13,14 @@ network.
 
 Departures from the paper: the paper interleaves prompt tokens with the input
 in a task template and predicts label words with the masked-LM head; peft and
-this harness prepend all virtual tokens and train a fresh classification
-head. The head reads the text's [CLS] state: peft prepends the prompt, so the
-position a BERT head pools would be a virtual token the pretrained pooler never
-saw; the encoder's output is cut back to the text positions before the head
-(methods/_prompts.py). num_virtual_tokens 20 (peft's documented example) stands in for the
-paper's per-task templates. The learning rate 1e-3 is a documented choice
-for this encoder (peft's P-tuning sequence-classification example uses it).
+this harness prepend all virtual tokens and train a fresh classification head.
+The head reads the text's [CLS] state: peft prepends the prompt, so the
+position a BERT head pools would be a virtual token the pretrained pooler
+never saw; the encoder's output is cut back to the text positions before the
+head (methods/_prompts.py). num_virtual_tokens 20 (peft's documented example)
+stands in for the paper's per-task templates. The learning rate 1e-3 is a
+documented choice for this encoder (peft's P-tuning sequence-classification
+example uses it).
 """
 
 from methods._peft import PeftMethod, head_names

@@ -13,10 +13,13 @@ Trainable: the adapters and the task head.
 Not back-propagated through: nothing is skipped; the gradient reaches the
 lower adapters through the frozen layers above them.
 
-Departures from the paper: the size is given as a bottleneck width rather
-than a reduction factor, as in the paper. The authors' GLUE script uses
-lr 1e-4 for 10 epochs; the default 1e-3 is a choice for this small encoder
-and short runs.
+Implemented as a forward pre-hook on the FFN output sublayer that adds the
+branch to its residual input (methods/_bert.py describes the layout).
+
+Departures from the paper: the authors' GLUE script (which adds prefixes to
+attention as well, their "MAM adapter") uses s = 2 and lr 1e-4 for 10
+epochs; here s is the paper's 4 and the default lr 1e-3 is a choice for this
+small encoder and short runs.
 """
 
 import torch

@@ -12,14 +12,14 @@ num_virtual_tokens, so time and memory grow with the prompt.
 Departures from the paper: the paper classifies with T5's text output (the
 label's words) and no new parameters; a BERT encoder has no such output, so a
 freshly initialised classification head is trained too (peft's sequence-
-classification wrapper). The head reads the text's [CLS] state: peft prepends the prompt, so the
-position a BERT head pools would be a virtual token the pretrained pooler never
-saw; the encoder's output is cut back to the text positions before the head
-(methods/_prompts.py). The paper samples from the 5,000 most frequent
-tokens; peft samples from the whole vocabulary. The paper uses Adafactor at
-lr 0.3; with the harness's AdamW on this small post-LayerNorm encoder the
-default is 3e-2 (Adam's step does not scale with the parameter's size as
-Adafactor's does).
+classification wrapper). The head reads the text's [CLS] state: peft prepends
+the prompt, so the position a BERT head pools would be a virtual token the
+pretrained pooler never saw; the encoder's output is cut back to the text
+positions before the head (methods/_prompts.py). The paper samples from the
+5,000 most frequent tokens; peft samples from the whole vocabulary. The paper
+uses Adafactor at lr 0.3; with the harness's AdamW on this small post-
+LayerNorm encoder the default is 3e-2 (Adam's step does not scale with the
+parameter's size as Adafactor's does).
 """
 
 from methods._peft import PeftMethod, head_names
