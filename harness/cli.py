@@ -57,8 +57,13 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_list(args) -> int:
+    if args.markdown and args.what != "methods":
+        raise UserError("--markdown", f"only `list methods` has a Markdown table, not `list {args.what}`", "drop --markdown")
     if args.what == "methods":
         from harness.method import registry
+        if args.markdown:
+            print(_methods_table(registry()))
+            return 0
         for name, cls in registry().items():
             print(f"{name:<20} {cls.family:<9} {cls.description}")
             if args.verbose:
@@ -90,6 +95,15 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _methods_table(methods: dict) -> str:
+    """The README's table of methods, generated from the registry (name, family, paper, what is trained)."""
+    def cell(text: str) -> str:
+        return (text or "-").replace("|", "\\|")
+    rows = ["| method | family | paper | what is trained |", "| --- | --- | --- | --- |"]
+    rows += [f"| `{name}` | {cls.family} | {cell(cls.paper)} | {cell(cls.trains)} |" for name, cls in methods.items()]
+    return "\n".join(rows)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m harness", description="Benchmark PETL and METL methods on the same work.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("list", help="what the registries hold", description="List registered methods or built-in tasks.")
     listing.add_argument("what", choices=["methods", "tasks"])
     listing.add_argument("-v", "--verbose", action="store_true", help="with papers and default hyperparameters")
+    listing.add_argument("--markdown", action="store_true", help="methods as a Markdown table (name, family, paper, what is trained), for the README")
     listing.set_defaults(func=_cmd_list)
 
     comp = sub.add_parser("compare", help="gate a run against a baseline: exit 1 if anything regressed",

@@ -31,7 +31,7 @@ def tiny_bert(task: TaskSpec, seed: int = 0):
     from transformers import BertConfig, BertForSequenceClassification
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=64, num_labels=task.num_labels,
+                        intermediate_size=128, max_position_embeddings=128, num_labels=task.num_labels,
                         problem_type="regression" if task.is_regression else "single_label_classification")
     return BertForSequenceClassification(config)
 
