@@ -103,11 +103,12 @@ def run_cell_process(cell: Cell, path: Path, data_dir: Path | None, device: str)
         _write_outcome(cell, path, "interrupted", "stopped by the user (Ctrl-C or SIGTERM)", started)
         raise
     if status is None and proc.exitcode != 0:
-        killed = -proc.exitcode if proc.exitcode < 0 else None
-        name = signal.Signals(killed).name if killed else None
-        status = "oom" if killed == signal.SIGKILL else "failed"  # the kernel's OOM killer sends SIGKILL
-        message = f"worker killed by {name}" + (" (likely the host OOM killer)" if status == "oom" else "") \
-            if killed else f"worker exited with status {proc.exitcode}"
+        killed = signal.Signals(-proc.exitcode).name if proc.exitcode < 0 else None
+        # SIGKILL is also how the host's OOM killer ends a process, but a user's kill -9 looks
+        # the same: record it as failed (retried on rerun) and say both.
+        status = "failed"
+        message = (f"worker killed by {killed}" + (" (the host's out-of-memory killer sends this)" if killed == "SIGKILL" else "")
+                   if killed else f"worker exited with status {proc.exitcode}")
     if status is not None:
         return _write_outcome(cell, path, status, message, started)
     return results.read_record(path)

@@ -137,6 +137,9 @@ PRELOAD = ["harness.worker", "harness.method", "transformers.models.auto.modelin
 def run_job(job: dict, record_path: str) -> None:
     """Entry point of a cell's process: run the cell, write its record atomically."""
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter, not the user's concern
-    record = run_cell(job["cell"], Path(job["data_dir"]) if job["data_dir"] else None, job["device"], job["progress"])
+    try:
+        record = run_cell(job["cell"], Path(job["data_dir"]) if job["data_dir"] else None, job["device"], job["progress"])
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the runner records the cell
+        raise SystemExit(130) from None
     record["config_hash"] = job["config_hash"]
     results.write_atomic(Path(record_path), record)

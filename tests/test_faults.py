@@ -1,0 +1,160 @@
+"""Faults inside a run, with real processes and real signals: each is recorded,
+the suite goes on, nothing finished is lost, and a rerun completes exactly what
+is missing."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from harness import results
+from harness.cli import main
+
+SETTINGS = "train: {max_steps: 3, batch_size: 8, max_train_samples: 32, max_eval_samples: 16, max_seq_length: 32, timing_warmup_steps: 1}\n"
+
+# A plugin method that misbehaves on request, so a fault lands exactly where a test wants it.
+PLUGIN = '''
+import os, signal, time
+from methods.full_finetune import FullFineTune
+
+class Misbehave(FullFineTune):
+    name = "test_misbehave"
+    defaults = {"fault": "none"}
+
+    def apply(self, model, task):
+        fault = self.hparams["fault"]
+        if fault == "raise":
+            raise RuntimeError("boom in apply")
+        if fault == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if fault == "sleep" and os.environ.get("TEST_FAULT_SLEEP"):
+            time.sleep(float(os.environ["TEST_FAULT_SLEEP"]))
+        return super().apply(model, task)
+'''
+
+
+def suite_with(tiny_suite, tmp_path, methods: str, name="faults"):
+    (tmp_path / "misbehave.py").write_text(PLUGIN)
+    plugin = tmp_path / "misbehave.py"
+    return tiny_suite(f"tasks: [sst2]\nmethods:\n{methods.replace('PLUGIN', str(plugin))}\n{SETTINGS}", name)
+
+
+def record(out, label):
+    return json.loads((out / f"sst2__{label}__seed0.json").read_text())
+
+
+def start(suite, out, data_dir, **env):
+    """The CLI as a user runs it, in its own process group (as a terminal's foreground job)."""
+    return subprocess.Popen([sys.executable, "-m", "harness", "run", str(suite), "--out", str(out), "--data-dir",
+                             str(data_dir), "--no-report"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, **env})
+
+
+def wait_for(path, proc, seconds=240):
+    deadline = time.time() + seconds
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.2)
+
+
+def test_crash_diverged_and_timeout_are_recorded_and_the_suite_goes_on(tiny_suite, tmp_path, data_dir):
+    suite = suite_with(tiny_suite, tmp_path, """
+  - {method: PLUGIN, label: crash, hparams: {fault: raise}}
+  - {method: PLUGIN, label: killed, hparams: {fault: sigkill}}
+  - {method: full, label: diverge, lr: 1.0e+30, train: {max_grad_norm: null}}
+  - {method: PLUGIN, label: slow, hparams: {fault: sleep}, train: {time_limit_s: 1.0}}
+  - {method: full, label: fine}""")
+    out = tmp_path / "out"
+    os.environ["TEST_FAULT_SLEEP"] = "60"
+    try:
+        assert main(["run", str(suite), "--out", str(out), "--data-dir", str(data_dir), "--no-report"]) == 1
+    finally:
+        del os.environ["TEST_FAULT_SLEEP"]
+    crash = record(out, "crash")
+    assert crash["status"] == "failed" and "boom in apply" in crash["error"]["message"]
+    assert "RuntimeError" in crash["error"]["traceback_tail"]
+    killed = record(out, "killed")
+    assert killed["status"] == "failed" and "SIGKILL" in killed["error"]["message"]
+    diverged = record(out, "diverge")
+    assert diverged["status"] == "diverged" and "loss is" in diverged["error"]["message"]
+    assert diverged["train"] == {} and diverged["measurements"]["activation_bytes"] > 0, "figures known up to then are kept"
+    assert record(out, "slow")["status"] == "timeout"
+    assert record(out, "fine")["status"] == "ok"
+    frame = results.load(out)
+    assert sorted(frame.status) == ["diverged", "failed", "failed", "ok", "timeout"]
+
+
+def test_ctrl_c_keeps_finished_cells_and_rerun_resumes(tiny_suite, tmp_path, data_dir):
+    suite = suite_with(tiny_suite, tmp_path, """
+  - {method: full, label: first}
+  - {method: PLUGIN, label: second, hparams: {fault: sleep}}
+  - {method: full, label: third}""")
+    out = tmp_path / "out"
+    proc = start(suite, out, data_dir, TEST_FAULT_SLEEP="120")
+    wait_for(out / "sst2__first__seed0.json", proc)
+    time.sleep(3)  # the second cell is under way, asleep in apply
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert record(out, "first")["status"] == "ok"
+    assert record(out, "second")["status"] == "interrupted"
+    assert not (out / "sst2__third__seed0.json").exists()
+    first_written = (out / "sst2__first__seed0.json").stat().st_mtime_ns
+
+    rerun = subprocess.run([sys.executable, "-m", "harness", "run", str(suite), "--out", str(out), "--data-dir",
+                            str(data_dir), "--no-report"], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "first / seed 0: already done" in rerun.stdout
+    assert {r["cell"]["label"]: r["status"] for r in results.scan(out).records} == {"first": "ok", "second": "ok", "third": "ok"}
+    assert (out / "sst2__first__seed0.json").stat().st_mtime_ns == first_written
+
+
+def test_sigkill_of_the_whole_run_loses_only_the_cell_under_way(tiny_suite, tmp_path, data_dir):
+    suite = suite_with(tiny_suite, tmp_path, """
+  - {method: full, label: first}
+  - {method: PLUGIN, label: second, hparams: {fault: sleep}}""")
+    out = tmp_path / "out"
+    proc = start(suite, out, data_dir, TEST_FAULT_SLEEP="120")
+    wait_for(out / "sst2__first__seed0.json", proc)
+    time.sleep(3)
+    os.killpg(proc.pid, signal.SIGKILL)  # runner, fork server and worker, with no chance to clean up
+    proc.wait(timeout=30)
+    assert [p.name for p in out.glob("*.json")] == ["sst2__first__seed0.json"]
+
+    assert main(["run", str(suite), "--out", str(out), "--data-dir", str(data_dir), "--no-report"]) == 0
+    names = sorted(p.name for p in out.glob("*.json"))
+    assert names == ["sst2__first__seed0.json", "sst2__second__seed0.json"], "exactly the missing cell, no duplicates"
+    assert not list(out.glob(".*.tmp")), "no half-written file is left behind"
+
+
+def test_second_run_on_the_same_results_is_refused(tiny_suite, tmp_path, data_dir, capsys):
+    suite = suite_with(tiny_suite, tmp_path, "  - {method: PLUGIN, label: slow, hparams: {fault: sleep}}")
+    out = tmp_path / "out"
+    proc = start(suite, out, data_dir, TEST_FAULT_SLEEP="30")
+    try:
+        deadline = time.time() + 120
+        while "pid" not in ((out / ".lock").read_text() if (out / ".lock").exists() else ""):
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        assert main(["run", str(suite), "--out", str(out), "--data-dir", str(data_dir), "--no-report"]) == 2
+        err = capsys.readouterr().err
+        assert "in use by pid" in err and len(err.strip().splitlines()) == 1
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_corrupt_record_is_reported_and_rerun(tiny_suite, tmp_path, data_dir, capsys):
+    suite = suite_with(tiny_suite, tmp_path, "  - {method: full, label: only}")
+    out = tmp_path / "out"
+    assert main(["run", str(suite), "--out", str(out), "--data-dir", str(data_dir), "--no-report"]) == 0
+    path = out / "sst2__only__seed0.json"
+    path.write_text(path.read_text()[:200])  # truncated, as by a full disk
+    assert results.scan(out).broken and not results.scan(out).records
+    capsys.readouterr()
+    assert main(["run", str(suite), "--out", str(out), "--data-dir", str(data_dir), "--no-report"]) == 0
+    assert "corrupt record, rerunning" in capsys.readouterr().out
+    assert results.read_record(path)["status"] == "ok"
