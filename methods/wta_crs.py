@@ -42,7 +42,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from harness.method import Method, count
+from harness.method import Method, count, head_parameters
 
 
 def sample_rows(x2d: torch.Tensor, k: int):
@@ -116,10 +116,14 @@ class WTACRS(Method):
             raise ValueError(f"ratio must be in (0, 1], got {self.hparams['ratio']}")
 
     def targets(self, model):
+        """Trainable Linear layers of the backbone (not the task head), minus those named in `skip`."""
+        from transformers import PreTrainedModel
+        backbone = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), model)
+        head = {id(p) for p in head_parameters(backbone).values()} if hasattr(backbone, "base_model_prefix") else set()
         skip = set(self.hparams["skip"])
         return [m for name, m in model.named_modules()
                 if isinstance(m, torch.nn.Linear) and type(m).forward is torch.nn.Linear.forward
-                and m.weight.requires_grad and not skip & set(name.split("."))]
+                and m.weight.requires_grad and id(m.weight) not in head and not skip & set(name.split("."))]
 
     def apply(self, model, task):
         targets = self.targets(model)
