@@ -120,6 +120,23 @@ def test_mesa_8bit_saves_at_most_30_percent_of_full_finetuning():
     assert mesa < s2a < full, "s2a compresses only the non-parametric ops"
 
 
+def test_linear_layers_reading_one_input_save_one_quantised_copy():
+    class QKV(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = (torch.nn.Linear(64, 64) for _ in range(3))
+
+        def forward(self, x):
+            return self.q(x) + self.k(x) + self.v(x)
+
+    model = Mesa().apply(QKV(), TASK)
+    counter = SavedTensorCounter(model)
+    x = torch.randn(4, 64, 64)  # 16384 values: 64 groups of 256
+    with counter:
+        model(x).sum().backward()
+    assert counter.last == 16384 + 64 * 4 * 2, "one copy of 8-bit codes plus fp32 min and step per group"
+
+
 def test_compression_stacks_after_lora():
     lora_model = LoRA().apply(tiny_bert(TASK), TASK)
     declared = sum(p.numel() for p in lora_model.parameters() if p.requires_grad)
@@ -200,6 +217,14 @@ def test_tokentune_stacks_after_lora():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0]
+
+
+def test_lora_tokentune_and_compression_stack():
+    _, _, two = step(TokenTune().apply(LoRA().apply(tiny_bert(TASK), TASK), TASK), BATCH)
+    model = Mesa().apply(TokenTune().apply(LoRA().apply(tiny_bert(TASK), TASK), TASK), TASK)
+    _, grads, three = step(model, BATCH)
+    assert three < 0.5 * two
+    assert any("lora_B" in name for name in grads)
 
 
 # ------------------------------------------------------------------ WTA-CRS
