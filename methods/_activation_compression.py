@@ -66,6 +66,14 @@ class Policy:
 
 # --------------------------------------------------------------------- quantisation
 
+def check_bits(bits: int, group_size: int) -> None:
+    """The user-facing checks of a compression method's `bits` and `group_size` hyperparameters."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if group_size < 2 or group_size % 2:
+        raise ValueError(f"group_size must be an even number >= 2, got {group_size}")
+
+
 def quantize(x: torch.Tensor, bits: int, group_size: int):
     """x -> (codes uint8, lo fp32 per group, step fp32 per group); round-to-nearest, min-max per group."""
     flat = x.detach().reshape(-1).float()

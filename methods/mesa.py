@@ -34,7 +34,7 @@ Departures from the paper:
 """
 
 from harness.method import Method, count
-from methods._activation_compression import Policy, install
+from methods._activation_compression import Policy, check_bits, install
 
 
 class Mesa(Method):
@@ -52,7 +52,7 @@ class Mesa(Method):
                       probs_bits=bits, pack_dropout=True, group_size=self.hparams["group_size"])
 
     def check_hparams(self):
-        self.policy()  # raises ValueError for bits not in (4, 8) or an odd group size
+        check_bits(self.hparams["bits"], self.hparams["group_size"])
 
     def apply(self, model, task):
         counts = install(model, self.policy())

@@ -39,6 +39,8 @@ Departures from the paper:
 - The embedding layer runs with a graph for every token (its saved
   activations are not reduced); selection starts at the first layer.
 - Evaluation and any forward without a graph use the unmodified encoder.
+- The layers' sub-modules are called directly, so the harness's
+  `gradient_checkpointing` setting does not apply to them.
 """
 
 import math
