@@ -43,7 +43,6 @@ Departures from the paper:
   `gradient_checkpointing` setting does not apply to them.
 """
 
-import math
 import types
 
 import torch
