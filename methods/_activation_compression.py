@@ -1,0 +1,392 @@
+"""Compressed storage of the activations autograd keeps for backward.
+
+Shared machinery of the activation-compression methods (methods/mesa.py,
+methods/s2a.py); it defines no method itself. Every op keeps an exact forward
+and saves, with `ctx.save_for_backward`, only the compressed form of what its
+backward needs, de-quantised when backward runs. Saving through
+`save_for_backward` (not a `saved_tensors_hooks` context) matters: the
+harness's meter counts saved tensors with such hooks, and hooks do not nest,
+so compression done in hooks would hide every saved byte from the meter.
+
+Quantisation: a tensor is flattened and cut into groups of `group_size`
+consecutive elements; each group stores its minimum `lo` and step
+`(max - min) / (2**bits - 1)` in fp32 and one code per element, rounded to
+nearest, so |x - dequantise(quantise(x))| <= step / 2 for every element.
+4-bit codes are packed two to a byte. Boolean masks are packed eight to a byte.
+
+`install(model, policy)` swaps in these ops on the model's modules that exist
+when it is called (instance-level `forward`, so module names, state dicts and
+peft's wrappers are untouched):
+- nn.Linear with a trainable weight: its input, for the weight gradient. A
+  frozen Linear needs no saved input at all and is left as is. The three
+  projections q/k/v share one input; it is quantised once and shared.
+- nn.LayerNorm: its input (mean and 1/std are kept exactly, one float per row).
+- elementwise activations (GELU and the other transformers.activations
+  modules, nn.GELU/ReLU/SiLU): their input, or their derivative f'(x).
+- nn.Dropout: its keep-mask as bits (lossless).
+- attention (through transformers' AttentionInterface, so every model that
+  dispatches attention through `config._attn_implementation` is covered):
+  Q, K, V for the two matmuls, the softmax output, and the attention-dropout
+  mask as bits, in one fused op.
+Left exact: embedding look-ups (integer ids), the pooler's tanh and the loss,
+and any module type not listed above.
+"""
+
+import math
+import types
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Which saved activations are compressed, and to how many bits (None: kept exact)."""
+    linear_bits: int | None  # inputs of Linear layers with a trainable weight
+    norm_bits: int | None  # inputs of LayerNorm
+    act_bits: int | None  # elementwise activations (GELU...)
+    act_store: str  # "input": quantise x, recompute f'(x) in backward; "derivative": quantise f'(x)
+    qkv_bits: int | None  # Q, K, V as operands of the attention matmuls
+    probs_bits: int | None  # attention probabilities (softmax output)
+    pack_dropout: bool  # dropout keep-masks as bits
+    group_size: int
+
+    def __post_init__(self):
+        for key in ("linear_bits", "norm_bits", "act_bits", "qkv_bits", "probs_bits"):
+            if getattr(self, key) not in (None, 4, 8):
+                raise ValueError(f"{key} must be 4, 8 or None, got {getattr(self, key)}")
+        if self.act_store not in ("input", "derivative"):
+            raise ValueError(f"act_store must be 'input' or 'derivative', got {self.act_store!r}")
+        if self.group_size < 2 or self.group_size % 2:
+            raise ValueError(f"group_size must be an even number >= 2, got {self.group_size}")
+
+
+# --------------------------------------------------------------------- quantisation
+
+def check_bits(bits: int, group_size: int) -> None:
+    """The user-facing checks of a compression method's `bits` and `group_size` hyperparameters."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if group_size < 2 or group_size % 2:
+        raise ValueError(f"group_size must be an even number >= 2, got {group_size}")
+
+
+def quantize(x: torch.Tensor, bits: int, group_size: int):
+    """x -> (codes uint8, lo fp32 per group, step fp32 per group); round-to-nearest, min-max per group."""
+    flat = x.detach().reshape(-1).float()
+    pad = (-flat.numel()) % group_size
+    if pad:  # repeat the last value so padding never widens the last group's range
+        flat = torch.cat([flat, flat[-1:].expand(pad)])
+    groups = flat.view(-1, group_size)
+    lo = groups.amin(1, keepdim=True)
+    levels = 2 ** bits - 1
+    step = (groups.amax(1, keepdim=True) - lo) / levels
+    step = torch.where(step > 0, step, torch.ones_like(step))  # a constant group: any step is exact
+    codes = torch.round((groups - lo) / step).clamp_(0, levels).to(torch.uint8)
+    if bits == 4:
+        codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return codes, lo.squeeze(1), step.squeeze(1)
+
+
+def dequantize(codes, lo, step, bits: int, shape, dtype) -> torch.Tensor:
+    if bits == 4:
+        codes = torch.stack([codes & 15, codes >> 4], dim=-1).reshape(codes.shape[0], -1)
+    values = codes.float() * step[:, None] + lo[:, None]
+    numel = math.prod(shape)
+    return values.reshape(-1)[:numel].reshape(shape).to(dtype)
+
+
+_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    flat = mask.reshape(-1).to(torch.uint8)
+    flat = F.pad(flat, (0, (-flat.numel()) % 8))
+    return (flat.view(-1, 8) << _SHIFTS.to(flat.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
+    bits = (packed.unsqueeze(1) >> _SHIFTS.to(packed.device)) & 1
+    return bits.reshape(-1)[:math.prod(shape)].reshape(shape).bool()
+
+
+class Stored:
+    """One saved activation, exact or quantised: `tensors` go to save_for_backward, `restore` undoes it."""
+
+    def __init__(self, x: torch.Tensor, bits: int | None, group_size: int, packed=None):
+        self.bits, self.shape, self.dtype = bits, tuple(x.shape), x.dtype
+        self.tensors = (x,) if bits is None else (packed or quantize(x, bits, group_size))
+
+    def restore(self, tensors) -> torch.Tensor:
+        if self.bits is None:
+            return tensors[0]
+        return dequantize(*tensors, self.bits, self.shape, self.dtype)
+
+
+def save(ctx, *items: Stored | torch.Tensor | None) -> None:
+    """save_for_backward for a mix of Stored activations and plain tensors."""
+    flat, layout = [], []
+    for item in items:
+        if isinstance(item, Stored):
+            layout.append((item, len(item.tensors)))
+            flat.extend(item.tensors)
+        else:
+            layout.append((None, 1))
+            flat.append(item)
+    ctx.layout = layout
+    ctx.save_for_backward(*flat)
+
+
+def load(ctx) -> list:
+    tensors, out, i = ctx.saved_tensors, [], 0
+    for item, n in ctx.layout:
+        part = tensors[i:i + n]
+        out.append(item.restore(part) if item is not None else part[0])
+        i += n
+    return out
+
+
+# q, k and v read the same input: quantise it once so the three ops save one copy (the
+# meter, like memory, counts a shared storage once). Keyed by the tensor object itself.
+_shared: dict = {}
+
+
+def quantize_shared(x: torch.Tensor, bits: int, group_size: int):
+    key = (bits, group_size)
+    hit = _shared.get(key)
+    if hit is not None and hit[0]() is x and hit[1] == x._version:
+        return hit[2]
+    packed = quantize(x, bits, group_size)
+    _shared[key] = (weakref.ref(x), x._version, packed)
+    return packed
+
+
+# --------------------------------------------------------------------- autograd ops
+
+def _weight_grad(g: torch.Tensor, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return (g.reshape(-1, g.shape[-1]).float().t() @ x.reshape(-1, x.shape[-1]).float()).to(like.dtype)
+
+
+class CompressedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, bits, group_size):
+        ctx.x_dtype = x.dtype
+        stored = Stored(x, bits, group_size, quantize_shared(x, bits, group_size))
+        save(ctx, stored, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = load(ctx)
+        grad_x = (g @ weight.to(g.dtype)).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        grad_w = _weight_grad(g, x, weight) if ctx.needs_input_grad[1] else None
+        grad_b = g.reshape(-1, g.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None, None
+
+
+class CompressedLayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, bits, group_size):
+        out = F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+        xf = x.float()
+        mean = xf.mean(-1, keepdim=True)
+        rstd = torch.rsqrt(xf.var(-1, unbiased=False, keepdim=True) + eps)
+        ctx.x_dtype = x.dtype
+        save(ctx, Stored(x, bits, group_size), mean, rstd, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, mean, rstd, weight = load(ctx)
+        xhat = (x.float() - mean) * rstd
+        g = g.float()
+        gw = g * weight.float() if weight is not None else g
+        grad_x = rstd * (gw - gw.mean(-1, keepdim=True) - xhat * (gw * xhat).mean(-1, keepdim=True))
+        lead = tuple(range(g.dim() - 1))
+        grad_w = (g * xhat).sum(lead).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        grad_b = g.sum(lead).to(weight.dtype) if ctx.needs_input_grad[2] else None
+        return grad_x.to(ctx.x_dtype), grad_w, grad_b, None, None, None
+
+
+class CompressedActivation(torch.autograd.Function):
+    """Any elementwise f: save quantised x (recompute f'(x) in backward) or quantised f'(x)."""
+
+    @staticmethod
+    def forward(ctx, x, fn, store, bits, group_size):
+        ctx.fn, ctx.store = fn, store
+        if store == "derivative":
+            y, derivative = _value_and_derivative(fn, x)
+            save(ctx, Stored(derivative, bits, group_size))
+            return y
+        save(ctx, Stored(x, bits, group_size))
+        return fn(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (saved,) = load(ctx)
+        derivative = saved if ctx.store == "derivative" else _value_and_derivative(ctx.fn, saved)[1]
+        return g * derivative.to(g.dtype), None, None, None, None
+
+
+def _value_and_derivative(fn, x):
+    """f(x) and f'(x) of an elementwise f by forward-mode AD: no graph, so nothing saved (or counted) twice."""
+    x = x.detach()
+    return torch.func.jvp(fn, (x,), (torch.ones_like(x),))
+
+
+class BitDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, p):
+        keep = torch.empty_like(x).bernoulli_(1 - p)
+        ctx.p, ctx.shape = p, tuple(x.shape)
+        save(ctx, pack_bits(keep.bool()))
+        return x * keep / (1 - p)
+
+    @staticmethod
+    def backward(ctx, g):
+        (packed,) = load(ctx)
+        return g * unpack_bits(packed, ctx.shape).to(g.dtype) / (1 - ctx.p), None
+
+
+def _masked_scores(q, k, mask, scaling):
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    if mask is None:
+        return scores
+    if mask.dtype == torch.bool:  # True = attend
+        return scores.masked_fill(~mask, float("-inf"))
+    return scores + mask
+
+
+class CompressedAttention(torch.autograd.Function):
+    """softmax(QK^T * scaling + mask), dropout, @V in one op: Q, K, V and the probabilities
+    saved quantised (or exact, per the policy), the dropout mask as bits."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scaling, p, policy):
+        probs = torch.softmax(_masked_scores(q, k, mask, scaling).float(), dim=-1)
+        dropped = probs.to(v.dtype)
+        keep = None
+        if p > 0:
+            keep = torch.empty_like(probs).bernoulli_(1 - p).bool()
+            dropped = (probs * keep / (1 - p)).to(v.dtype)
+        out = torch.matmul(dropped, v)
+        ctx.scaling, ctx.p, ctx.shape = scaling, p, tuple(probs.shape)
+        g = policy.group_size
+        save(ctx, Stored(q, policy.qkv_bits, g), Stored(k, policy.qkv_bits, g), Stored(v, policy.qkv_bits, g),
+             Stored(probs, policy.probs_bits, g), pack_bits(keep) if keep is not None else None)
+        return out
+
+    @staticmethod
+    def backward(ctx, g_out):
+        q, k, v, probs, packed = load(ctx)
+        g_out = g_out.float()
+        dropped = probs
+        if packed is not None:
+            keep = unpack_bits(packed, ctx.shape).float() / (1 - ctx.p)
+            dropped = probs * keep
+        grad_v = torch.matmul(dropped.transpose(-1, -2), g_out)
+        grad_dropped = torch.matmul(g_out, v.float().transpose(-1, -2))
+        grad_probs = grad_dropped * keep if packed is not None else grad_dropped
+        grad_scores = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True)) * ctx.scaling
+        grad_q = torch.matmul(grad_scores, k.float())
+        grad_k = torch.matmul(grad_scores.transpose(-1, -2), q.float())
+        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None, None
+
+
+# --------------------------------------------------------------------- installing the ops
+
+def _attention_function(policy: Policy):
+    """An AttentionInterface function: fused compressed op when a graph is built, plain math otherwise."""
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        scaling = query.size(-1) ** -0.5 if scaling is None else scaling
+        if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+            out = CompressedAttention.apply(query, key, value, attention_mask, scaling, dropout, policy)
+        else:
+            probs = torch.softmax(_masked_scores(query, key, attention_mask, scaling).float(), -1).to(value.dtype)
+            out = torch.matmul(F.dropout(probs, dropout, training=dropout > 0), value)
+        return out.transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+def _set_attention(model: nn.Module, policy: Policy) -> bool:
+    """Register the compressed attention under a name that encodes the policy and switch the model to it."""
+    from transformers import AttentionInterface, PreTrainedModel
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    name = f"compressed_q{policy.qkv_bits or 32}_p{policy.probs_bits or 32}_g{policy.group_size}"
+    AttentionInterface.register(name, _attention_function(policy))
+    AttentionMaskInterface.register(name, eager_mask)  # additive float masks, as eager attention takes
+    top = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if top is None:
+        return False
+    top.set_attn_implementation(name)
+    return top.config._attn_implementation == name
+
+
+def _is_activation(module: nn.Module) -> bool:
+    if isinstance(module, (nn.GELU, nn.ReLU, nn.SiLU, nn.Mish)):
+        return True
+    return type(module).__module__ == "transformers.activations"
+
+
+def _patch(module: nn.Module, forward) -> None:
+    module.forward = types.MethodType(forward, module)
+
+
+def _linear_forward(bits, group_size):
+    def forward(self, x):
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return CompressedLinear.apply(x, self.weight, self.bias, bits, group_size)
+        return F.linear(x, self.weight, self.bias)  # a frozen weight needs no saved input
+    return forward
+
+
+def _norm_forward(bits, group_size):
+    def forward(self, x):
+        params = [t for t in (x, self.weight, self.bias) if t is not None]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in params):
+            return CompressedLayerNorm.apply(x, self.weight, self.bias, self.eps, bits, group_size)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+    return forward
+
+
+def _activation_forward(original, store, bits, group_size):
+    def forward(self, x):
+        if torch.is_grad_enabled() and x.requires_grad:
+            return CompressedActivation.apply(x, original, store, bits, group_size)
+        return original(x)
+    return forward
+
+
+def _dropout_forward(self, x):
+    if self.training and self.p > 0 and torch.is_grad_enabled() and x.requires_grad:
+        return BitDropout.apply(x, self.p)
+    return F.dropout(x, self.p, self.training, self.inplace)
+
+
+def install(model: nn.Module, policy: Policy) -> dict:
+    """Swap compressed ops into `model` in place; returns how many modules of each kind were covered."""
+    counts = {"linear": 0, "layernorm": 0, "activation": 0, "dropout": 0, "attention": 0}
+    for module in model.modules():
+        kind = type(module)
+        if policy.linear_bits and isinstance(module, nn.Linear) and kind.forward is nn.Linear.forward:
+            _patch(module, _linear_forward(policy.linear_bits, policy.group_size))
+            counts["linear"] += 1
+        elif (policy.norm_bits and isinstance(module, nn.LayerNorm) and kind.forward is nn.LayerNorm.forward
+              and len(module.normalized_shape) == 1):
+            _patch(module, _norm_forward(policy.norm_bits, policy.group_size))
+            counts["layernorm"] += 1
+        elif policy.act_bits and _is_activation(module):
+            _patch(module, _activation_forward(module.forward, policy.act_store, policy.act_bits, policy.group_size))
+            counts["activation"] += 1
+        elif policy.pack_dropout and isinstance(module, nn.Dropout) and kind.forward is nn.Dropout.forward:
+            _patch(module, _dropout_forward)
+            counts["dropout"] += 1
+    if (policy.qkv_bits or policy.probs_bits or policy.pack_dropout) and _set_attention(model, policy):
+        counts["attention"] = 1
+    return counts

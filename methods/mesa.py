@@ -1,0 +1,65 @@
+"""Mesa-style 8-bit activation storage: exact forward, saved activations de-quantised in backward.
+
+Pan, Chen, He, Liu, Cai & Zhuang, "Mesa: A Memory-saving Training Framework
+for Transformers", arXiv:2111.11124, 2021.
+
+What is compressed (see methods/_activation_compression.py): the inputs of
+every Linear with a trainable weight, of every LayerNorm and of the GELU, the
+attention's Q, K, V and softmax output, all at 8 bits; dropout masks
+(hidden and attention) as bits. Left exact: integer token ids saved by the
+embedding look-ups, the pooler's tanh output and the loss's inputs (a few
+hundred bytes per example).
+
+Trainable: nothing is added or frozen. Alone, every weight is trained (full
+fine-tuning with compressed activations); stacked after another method
+(`stack: [{method: lora}, {method: mesa}]`), whatever that method left
+trainable is trained and its activations are compressed. It must come last in
+a stack: it compresses the modules that exist when it is applied, so modules a
+later method adds (LoRA's A and B) would keep full-precision activations.
+Everything is back-propagated through, as in full fine-tuning.
+
+Departures from the paper:
+- Quantisation ranges: Mesa keeps a running estimate (EMA) of each head's or
+  channel group's range and may clip outliers; here each group of
+  `group_size` consecutive elements uses its own current min and max, so no
+  value is clipped and the error is at most half a step. Costs 8 bytes of
+  range per group (3% at the default 256).
+- Rounding is to nearest (Mesa's kernel can round stochastically).
+- The attention's two matmuls, softmax and dropout are one fused op saving
+  Q, K, V, the probabilities and the mask bits: the same content Mesa's
+  separate ops save, minus the duplicate of the dropped-out probabilities.
+- Dropout masks stored as bits are an addition (lossless); Mesa leaves them to
+  the framework.
+- No custom CUDA kernels: quantisation is plain PyTorch, slower than Mesa's.
+"""
+
+from harness.method import Method, count
+from methods._activation_compression import Policy, check_bits, install
+
+
+class Mesa(Method):
+    name = "mesa"
+    family = "METL"
+    description = "Mesa-style 8-bit saved activations (Linear, LayerNorm, GELU, attention), exact forward; stackable"
+    paper = "Pan et al., Mesa: A Memory-saving Training Framework for Transformers, arXiv:2111.11124, 2021"
+    trains = "whatever is trainable when applied (alone: all weights)"
+    default_lr = 5e-5  # alone it is full fine-tuning
+    defaults = {"bits": 8, "group_size": 256}
+
+    def policy(self) -> Policy:
+        bits = self.hparams["bits"]
+        return Policy(linear_bits=bits, norm_bits=bits, act_bits=bits, act_store="input", qkv_bits=bits,
+                      probs_bits=bits, pack_dropout=True, group_size=self.hparams["group_size"])
+
+    def check_hparams(self):
+        check_bits(self.hparams["bits"], self.hparams["group_size"])
+
+    def apply(self, model, task):
+        counts = install(model, self.policy())
+        if not counts["linear"] and not counts["layernorm"]:
+            raise ValueError("mesa found no Linear or LayerNorm module to compress")
+        return model
+
+    def expected_trainable_params(self, model, task):
+        # Adds and freezes nothing: what is trainable now stays trainable (a fresh model: all of it).
+        return count(p for p in model.parameters() if p.requires_grad)
