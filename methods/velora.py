@@ -46,10 +46,10 @@ class VeLoRA(LoRA):
         if self.hparams["init_type"] not in ("batch_average_once", "batch_average", "random"):
             raise ValueError("init_type must be one of batch_average_once, batch_average, random")
 
-    def peft_config(self, model):
+    def peft_config(self, model, task):
         import dataclasses
 
         from peft import VeloraConfig
         velora = VeloraConfig(num_groups=self.hparams["num_groups"], scale=self.hparams["scale"],
                               init_type=self.hparams["init_type"])
-        return dataclasses.replace(super().peft_config(model), velora_config=velora)  # re-validated by peft
+        return dataclasses.replace(super().peft_config(model, task), velora_config=velora)  # re-validated by peft
