@@ -52,7 +52,7 @@ def start(suite, out, data_dir, **env):
                             start_new_session=True, env={**os.environ, **env})
 
 
-def wait_for(path, proc, seconds=240):
+def wait_for(path, proc, seconds=900):
     deadline = time.time() + seconds
     while not path.exists():
         assert proc.poll() is None, proc.communicate()
@@ -135,7 +135,7 @@ def test_second_run_on_the_same_results_is_refused(tiny_suite, tmp_path, data_di
     out = tmp_path / "out"
     proc = start(suite, out, data_dir, TEST_FAULT_SLEEP="30")
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 900
         while "pid" not in ((out / ".lock").read_text() if (out / ".lock").exists() else ""):
             assert time.time() < deadline and proc.poll() is None
             time.sleep(0.2)
