@@ -194,7 +194,7 @@ def _settings(values: dict, where: str) -> TrainSettings:
 def _parse_component(raw: dict, where: str) -> Component:
     ref = raw.get("method")
     if not isinstance(ref, str) or not ref:
-        raise UserError(f"{where}.method", "missing or not a string", "name a method, e.g. method: lora (see `harness list methods`)")
+        raise UserError(f"{where}.method", "missing or not a string", "name a method, e.g. method: full (see `harness list methods`)")
     hparams = raw.get("hparams") or {}
     if not isinstance(hparams, dict):
         raise UserError(f"{where}.hparams", "must be a mapping", "e.g. hparams: {r: 8}")
@@ -210,7 +210,7 @@ def _parse_entry(raw, where: str, suite_train: dict) -> MethodEntry:
     if isinstance(raw, str):
         raw = {"method": raw}
     if not isinstance(raw, dict):
-        raise UserError(where, "a method entry must be a name or a mapping", "e.g. - {method: lora, lr: 5.0e-4}")
+        raise UserError(where, "a method entry must be a name or a mapping", "e.g. - {method: full, lr: 5.0e-5}")
     for key in raw:
         if key not in ENTRY_KEYS:
             raise _unknown(where, key, ENTRY_KEYS)
@@ -219,7 +219,7 @@ def _parse_entry(raw, where: str, suite_train: dict) -> MethodEntry:
     if "stack" in raw:
         stack = raw["stack"]
         if not isinstance(stack, list) or len(stack) < 2 or not all(isinstance(s, dict) for s in stack):
-            raise UserError(f"{where}.stack", "must list two or more {method, hparams} mappings", "e.g. stack: [{method: lora}, {method: tokentune}]")
+            raise UserError(f"{where}.stack", "must list two or more {method, hparams} mappings", "e.g. stack: [{method: A}, {method: B}]")
         if "hparams" in raw:
             raise UserError(f"{where}.hparams", "a stack sets hparams per component", "move hparams into each stack item")
         for i, item in enumerate(stack):
@@ -315,7 +315,7 @@ def load_suite(path: str | Path) -> Suite:
     task_train = {task.name: overrides for task, overrides in parsed if overrides}
     _no_duplicates([t.name for t in tasks], f"{where}.tasks", "each task once")
     entries = tuple(_parse_entry(m, f"{where}.methods[{i}]", suite_train) for i, m in enumerate(raw["methods"]))
-    _no_duplicates([e.label for e in entries], f"{where}.methods", "give repeated methods distinct labels: label: lora-r16")
+    _no_duplicates([e.label for e in entries], f"{where}.methods", "give repeated methods distinct labels, e.g. label: full-lr1e-4")
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
         raise UserError(f"{where}.seeds", "must be a non-empty list of non-negative integers", "e.g. seeds: [0, 1, 2]")
