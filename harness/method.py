@@ -94,8 +94,10 @@ def _load_builtin_methods() -> None:
 
 
 def registry() -> dict[str, type[Method]]:
+    """The methods that ship in `methods/`. A plugin is named by its module or file,
+    so one a suite (or a test) has loaded never joins the listing or the README table."""
     _load_builtin_methods()
-    return dict(sorted(_REGISTRY.items()))
+    return {name: cls for name, cls in sorted(_REGISTRY.items()) if cls.__module__.startswith("methods.")}
 
 
 def resolve(ref: str, where: str) -> type[Method]:
