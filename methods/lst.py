@@ -3,11 +3,12 @@
 Sung, Cho & Bansal, "LST: Ladder Side-Tuning for Parameter and Memory Efficient
 Transfer Learning", NeurIPS 2022.
 
-Trainable: the side network (as many layers as the backbone, each of the
-backbone's own layer class with hidden and feed-forward widths divided by the
-reduction factor r, default 8, and the backbone's number of attention heads),
+Trainable: the side network (one layer per backbone layer unless some are
+dropped, each of the backbone's own layer class with hidden and feed-forward
+widths divided by the reduction factor r, default 8, and the backbone's number
+of attention heads),
 the ladders (one linear down-projection of the embedding output and of every
-layer's output to the side width), one gate scalar per layer, the
+layer's output to the side width), one gate scalar per side layer, the
 up-projection of the side network's output to the backbone's width, and the
 classification head on it.
 Not back-propagated through: the backbone. It runs under torch.no_grad, so it
@@ -38,8 +39,10 @@ Departures from the paper:
   columns; the feed-forward dimensions kept are those with the largest L1
   norm over the intermediate rows and output columns. `init: random` draws
   them as BERT initialises new layers.
-- Layer dropping (the paper's variant that removes some side layers) is not
-  offered: every backbone layer has a side layer.
+- Layer dropping: `drop_layers` lists backbone layers that get no side layer
+  (nor ladder), as the paper's layer dropping does to save memory (the
+  authors' T5-base script drops every fourth layer, 0, 4 and 8 of 12). The
+  default drops none, so the side network has the backbone's full depth.
 - Ladders, up-projection: PyTorch's default Linear initialisation, as in the
   authors' code.
 """
@@ -55,10 +58,12 @@ from harness.method import Method, freeze_all
 
 
 class LadderSideNetwork(FrozenBackboneClassifier):
-    def __init__(self, model, reduction_factor: int, gate_temperature: float, init: str, pooling: str):
+    def __init__(self, model, reduction_factor: int, gate_temperature: float, init: str, pooling: str,
+                 drop_layers=()):
         super().__init__(model)
         config = model.config
         layers = encoder_layers(model)
+        self.kept = kept_layers(len(layers), drop_layers)
         width, heads = side_width(config, reduction_factor), config.num_attention_heads
         if width % heads:
             raise ValueError(f"side width {width} (hidden {config.hidden_size} / reduction_factor {reduction_factor}) "
@@ -66,14 +71,14 @@ class LadderSideNetwork(FrozenBackboneClassifier):
         self.side_config = copy.deepcopy(config)
         self.side_config.hidden_size = width
         self.side_config.intermediate_size = config.intermediate_size // reduction_factor
-        self.ladders = nn.ModuleList(nn.Linear(config.hidden_size, width) for _ in range(len(layers) + 1))
-        self.gate_logits = nn.Parameter(torch.zeros(len(layers)))  # alpha_i; mu_i = sigmoid(alpha_i / T)
-        self.side_layers = nn.ModuleList(type(layers[0])(self.side_config) for _ in layers)
+        self.ladders = nn.ModuleList(nn.Linear(config.hidden_size, width) for _ in range(len(self.kept) + 1))
+        self.gate_logits = nn.Parameter(torch.zeros(len(self.kept)))  # alpha_i; mu_i = sigmoid(alpha_i / T)
+        self.side_layers = nn.ModuleList(type(layers[0])(self.side_config) for _ in self.kept)
         self.up = nn.Linear(width, config.hidden_size)
         self.head = ClassifierHead(config.hidden_size, config)
         self.temperature, self.pooling = gate_temperature, pooling
         init_like_bert(self.side_layers, config.initializer_range)
-        self.pruned = prune_into(model, self.side_layers, width) if init == "prune" else None
+        self.pruned = prune_into(model, self.kept, self.side_layers, width) if init == "prune" else None
 
     def frozen_features(self, input_ids, attention_mask, token_type_ids=None):
         return frozen_hidden_states(self.model, input_ids, attention_mask, token_type_ids)
@@ -82,8 +87,8 @@ class LadderSideNetwork(FrozenBackboneClassifier):
         side = self.ladders[0](hidden_states[0])
         mask = layer_mask(self.side_config, side, attention_mask)
         gates = torch.sigmoid(self.gate_logits / self.temperature)
-        for i, layer in enumerate(self.side_layers):
-            side = gates[i] * side + (1 - gates[i]) * self.ladders[i + 1](hidden_states[i + 1])
+        for j, (i, layer) in enumerate(zip(self.kept, self.side_layers)):  # side layer j beside backbone layer i
+            side = gates[j] * side + (1 - gates[j]) * self.ladders[j + 1](hidden_states[i + 1])
             side = run_layer(layer, side, mask)
         return self.head(self.up(pool(side, attention_mask, self.pooling)))
 
@@ -92,19 +97,29 @@ def side_width(config, reduction_factor: int) -> int:
     return config.hidden_size // reduction_factor
 
 
+def kept_layers(num_layers: int, drop_layers) -> list[int]:
+    bad = [i for i in drop_layers if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"drop_layers {bad} are not layers of this {num_layers}-layer backbone (0..{num_layers - 1})")
+    kept = [i for i in range(num_layers) if i not in set(drop_layers)]
+    if not kept:
+        raise ValueError("drop_layers drops every layer; keep at least one")
+    return kept
+
+
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores, in their original order."""
     return scores.topk(k).indices.sort().values
 
 
 @torch.no_grad()
-def prune_into(model, side_layers: nn.ModuleList, width: int) -> dict:
-    """Initialise each side layer with a structured slice of the matching backbone layer (magnitude criterion).
+def prune_into(model, layer_ids: list[int], side_layers: nn.ModuleList, width: int) -> dict:
+    """Initialise side layer j with a structured slice of backbone layer layer_ids[j] (magnitude criterion).
     Returns the kept indices: residual dimensions, and per layer the attention and feed-forward dimensions."""
     keep = _top(model.base_model.embeddings.word_embeddings.weight.abs().sum(0), width)
     heads = model.config.num_attention_heads
     kept = {"hidden": keep, "attention": [], "feed_forward": []}
-    for big, small in zip(encoder_layers(model), side_layers):
+    for big, small in zip([encoder_layers(model)[i] for i in layer_ids], side_layers):
         try:
             q, k, v = big.attention.self.query, big.attention.self.key, big.attention.self.value
             o, ln1 = big.attention.output.dense, big.attention.output.LayerNorm
@@ -141,7 +156,7 @@ class LadderSideTuning(Method):
     paper = "Sung, Cho & Bansal, LST: Ladder Side-Tuning for Parameter and Memory Efficient Transfer Learning, NeurIPS 2022"
     trains = "side network (width/r) + ladders + gates + up-projection + head"
     default_lr = 3e-3  # the authors' GLUE script for T5-base
-    defaults = {"reduction_factor": 8, "gate_temperature": 0.1, "init": "prune", "pooling": "cls"}
+    defaults = {"reduction_factor": 8, "gate_temperature": 0.1, "init": "prune", "pooling": "cls", "drop_layers": []}
 
     def check_hparams(self):
         h = self.hparams
@@ -153,15 +168,20 @@ class LadderSideTuning(Method):
             raise ValueError(f"init must be 'prune' or 'random', got {h['init']!r}")
         if h["pooling"] not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {h['pooling']!r}")
+        drop = h["drop_layers"]
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in drop) or len(set(drop)) != len(drop):
+            raise ValueError(f"drop_layers must list distinct layer indices, got {drop!r}")
 
     def apply(self, model, task):
         freeze_all(model)
         h = self.hparams
-        return LadderSideNetwork(model, h["reduction_factor"], h["gate_temperature"], h["init"], h["pooling"])
+        return LadderSideNetwork(model, h["reduction_factor"], h["gate_temperature"], h["init"], h["pooling"],
+                                 h["drop_layers"])
 
     def expected_trainable_params(self, model, task):
         config = model.config
-        hidden, layers, r = config.hidden_size, config.num_hidden_layers, self.hparams["reduction_factor"]
+        hidden, r = config.hidden_size, self.hparams["reduction_factor"]
+        layers = len(kept_layers(config.num_hidden_layers, self.hparams["drop_layers"]))
         width = side_width(config, r)
         ladders = (layers + 1) * (hidden * width + width)
         side = layers * bert_layer_size(width, config.intermediate_size // r)

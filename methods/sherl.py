@@ -36,7 +36,8 @@ Departures from the paper:
 - Late layers are frozen by default, as in the authors' public code, where
   only the adapter is trained and gradients pass through the frozen late
   layer; `train_late_layers: true` fine-tunes them in full (no PETL module
-  inside them is offered).
+  inside them is offered), at the learning rate times `late_lr_ratio` (0.1),
+  since pretrained weights want a smaller step than a fresh adapter.
 - Early outputs consolidated: the embedding output and all K early layers'
   outputs (the authors pick a subset of layer outputs per backbone, e.g. 4 of
   6 for MDETR's encoder).
@@ -108,8 +109,8 @@ class SHERL(Method):
     paper = "Diao et al., SHERL: Synthesizing High Accuracy and Efficient Memory for Resource-Limited Transfer Learning, ECCV 2024"
     trains = "consolidation adapter (MTSA) + head (+ late layers with train_late_layers)"
     default_lr = 1e-3
-    defaults = {"late_layers": 1, "train_late_layers": False, "downsample_factor": 2, "gate_temperature": 0.1,
-                "pooling": "cls"}
+    defaults = {"late_layers": 1, "train_late_layers": False, "late_lr_ratio": 0.1, "downsample_factor": 2,
+                "gate_temperature": 0.1, "pooling": "cls"}
 
     def check_hparams(self):
         h = self.hparams
@@ -119,6 +120,8 @@ class SHERL(Method):
             raise ValueError("downsample_factor must be at least 1")
         if h["gate_temperature"] <= 0:
             raise ValueError("gate_temperature must be positive")
+        if h["late_lr_ratio"] <= 0:
+            raise ValueError("late_lr_ratio must be positive")
         if h["pooling"] not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {h['pooling']!r}")
 
@@ -137,6 +140,14 @@ class SHERL(Method):
             for p in wrapped.late().parameters():
                 p.requires_grad_(True)
         return wrapped
+
+    def param_groups(self, model, lr):
+        late = {id(p) for p in model.late().parameters()}
+        trained = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in trained if id(p) not in late], "lr": lr}]
+        if self.hparams["train_late_layers"]:
+            groups.append({"params": [p for p in trained if id(p) in late], "lr": lr * self.hparams["late_lr_ratio"]})
+        return groups
 
     def expected_trainable_params(self, model, task):
         self._check_depth(model)

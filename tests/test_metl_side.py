@@ -214,3 +214,28 @@ def test_vqt_saved_bytes_grow_linearly_with_queries_and_length():
     assert vqt[2] - 2 * vqt[1] + vqt[0] == 0, f"VQT saved bytes not linear in length: {vqt}"
     assert full[2] - 2 * full[1] + full[0] > 0, "full fine-tuning should save length x length attention maps"
     assert vqt[0] < full[0] / 4
+
+
+def test_lst_dropped_layers_have_no_ladder():
+    torch.manual_seed(0)
+    wrapped, task = applied("lst", drop_layers=[0])
+    wrapped.eval()
+    assert len(wrapped.side_layers) == 2 and len(wrapped.ladders) == 3
+    ids, mask, types = split_batch(toy_batch(task))
+    states = wrapped.frozen_features(ids, mask, types)
+    shifted = lambda k: [h + torch.randn_like(h) if i == k else h for i, h in enumerate(states)]
+    with torch.no_grad():
+        base = wrapped.trainable_path(states, mask)
+        torch.testing.assert_close(wrapped.trainable_path(shifted(1), mask), base)  # layer 0's output: dropped
+        assert not torch.allclose(wrapped.trainable_path(shifted(2), mask), base)
+
+
+def test_sherl_tuned_late_layers_get_their_own_learning_rate():
+    task = toy_task(2)
+    method = registry()["sherl"](train_late_layers=True, late_lr_ratio=0.1)
+    wrapped = method.apply(deeper_bert(task), task)
+    groups = method.param_groups(wrapped, 1e-3)
+    late = {id(p) for p in wrapped.late().parameters()}
+    assert [g["lr"] for g in groups] == [1e-3, pytest.approx(1e-4)]
+    assert {id(p) for p in groups[1]["params"]} == late
+    assert sum(len(g["params"]) for g in groups) == sum(1 for p in wrapped.parameters() if p.requires_grad)
