@@ -77,7 +77,7 @@ class UniPT(Method):
     description = "UniPT: parallel network over all layers' hidden states (cross-layer interaction, confidence aggregation)"
     paper = "Diao et al., UniPT: Universal Parallel Tuning for Transfer Learning with Efficient Parameter and Memory, CVPR 2024"
     trains = "down-projections + interaction/aggregation layers + up-projection + head"
-    default_lr = 1e-3
+    default_lr = 1e-3  # no text-classification setting in the paper; on sst2/MiniLM: 3e-4 .78, 1e-3 .79, 3e-3 .78
     defaults = {"downsample_factor": 2, "pooling": "cls"}
 
     def check_hparams(self):

@@ -104,7 +104,7 @@ class VisualQueryTuning(Method):
     description = "VQT: learnable per-layer queries read frozen keys/values; original tokens run without a graph"
     paper = "Tu, Mai & Chao, Visual Query Tuning, CVPR 2023"
     trains = "query tokens + linear head"
-    default_lr = 1e-3
+    default_lr = 3e-3  # the paper tunes it per dataset; on sst2/MiniLM (1 epoch of 2000): 1e-3 .76, 3e-3 .77, 1e-2 .73
     defaults = {"num_queries": 1, "dropout": 0.1}
 
     def check_hparams(self):
