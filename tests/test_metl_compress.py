@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from harness.meter import SavedTensorCounter
 from methods._activation_compression import BitDropout, dequantize, pack_bits, quantize, unpack_bits
@@ -294,16 +293,19 @@ def test_velora_saves_less_than_lora():
     assert any("lora_A" in name for name in grads)
 
 
-# ------------------------------------------------------------------ suite fragment
+# ------------------------------------------------------------------ the comparison suite
 
-def test_metl_memory_fragment_validates(tmp_path):
+def test_metl_memory_suite_runs_every_metl_method_at_both_paddings():
+    """suites/metl_memory.yaml is where issue 5's ratios come from: a METL method added
+    to the registry but left out of it (at either padding) fails here."""
     from harness.config import load_suite
-    entries = yaml.safe_load((ROOT / "docs" / "metl_memory-entries.yaml").read_text())
-    suite = {"name": "fragment", "backbone": "minilm-l6", "tasks": ["sst2"], "methods": entries,
-             "train": {"batch_size": 32, "max_seq_length": 128}}
-    path = tmp_path / "fragment.yaml"
-    path.write_text(yaml.safe_dump(suite))
-    loaded = load_suite(path)
-    labels = {e.label for e in loaded.methods}
-    assert {"lora+tokentune", "lora+mesa"} <= labels
-    assert any(e.train.get("padding") == "max_length" for e in loaded.methods)
+    from harness.method import registry
+    suite = load_suite(ROOT / "suites" / "metl_memory.yaml")
+    assert suite.tasks[0].name == "sst2" and suite.train.batch_size == 32 and suite.train.max_seq_length == 128
+    padding = {e.label: e.train.get("padding", suite.train.padding) for e in suite.methods}
+    for label, pad in padding.items():
+        assert pad == {"dynamic": "dynamic", "fixed128": "max_length"}[label.rsplit(".", 1)[1]], label
+    ran = {(c.ref, padding[e.label]) for e in suite.methods for c in e.components}
+    metl = {name for name, cls in registry().items() if cls.family == "METL"}
+    for name in metl | {"full", "lora", "linear_probe"}:
+        assert {(name, "dynamic"), (name, "max_length")} <= ran, name

@@ -1,0 +1,161 @@
+"""SHERL: early layers consolidated without a graph, then only the last layer(s) back-propagated.
+
+Diao, Wan, Jia, Zhuge, Zhang, Lu & Chen, "SHERL: Synthesizing High Accuracy and
+Efficient Memory for Resource-Limited Transfer Learning", ECCV 2024.
+
+The backbone's N layers are split: the first N - late_layers (early route)
+run under torch.no_grad, so they build no graph, save nothing and get no
+gradient. The embedding output and their outputs, h_0..h_K, are consolidated by
+the Multi-Tiered Sensing Adapter (MTSA):
+- each h_l is projected to width m = hidden / downsample_factor (linear +
+  LayerNorm): x_l;
+- anti-redundancy aggregation, per token: the deepest early output x_K guides
+  the shallower ones x_0..x_{K-1}. A shallow layer's redundancy is the sum of
+  its positive cosine similarities to all shallow ones (itself included),
+  r_l = sum_j relu(cos(x_l, x_j)); its weight is relu(a(x_l * x_K)) / r_l with
+  `a` a learned linear score, L1-normalised over layers, so features that
+  many layers repeat count less. g = mlp(sum_l w_l x_l) + x_K, with mlp:
+  linear m->hidden, ReLU, linear hidden->m, LayerNorm;
+- back to the backbone's width: LayerNorm(linear(relu(g))) + tanh(beta / T) h_K,
+  beta learnable from 0 (T = 0.1), so the late layers start from the adapter's
+  output alone and learn how much of the plain early output to let through.
+The late route: the last late_layers (default 1) pretrained layers run on that
+with a graph; the classifier reads their output at [CLS] (or the mean over
+tokens, `pooling: mean`).
+
+Trainable: the MTSA and the classification head; with train_late_layers the
+late layers' weights as well.
+Back-propagated through: the MTSA, the head and the late layers (their
+activations are saved; frozen unless train_late_layers). Not through: the
+embeddings and the early layers.
+
+Departures from the paper:
+- A BERT-style encoder with a fresh linear classifier on the last layer's
+  [CLS] state (the backbone's pooler and head are not used); the paper's
+  language-only runs use T5 generating the label.
+- Late layers are frozen by default, as in the authors' public code, where
+  only the adapter is trained and gradients pass through the frozen late
+  layer; `train_late_layers: true` fine-tunes them in full (no PETL module
+  inside them is offered), at the learning rate times `late_lr_ratio` (0.1),
+  since pretrained weights want a smaller step than a fresh adapter.
+- Early outputs consolidated: the embedding output and all K early layers'
+  outputs (the authors pick a subset of layer outputs per backbone, e.g. 4 of
+  6 for MDETR's encoder).
+"""
+
+import torch
+from torch import nn
+
+from methods._frozen import (POOLINGS, ClassifierHead, FrozenBackboneClassifier, bert_layer_size, encoder_layers,
+                            frozen_hidden_states, layer_mask, pool, run_layer)
+from harness.method import Method, freeze_all
+
+
+class AntiRedundancyAggregation(nn.Module):
+    """Per token: shallow layers weighted by guidance from the deepest one, discounted by their redundancy."""
+
+    def __init__(self, hidden: int, width: int):
+        super().__init__()
+        self.score = nn.Linear(width, 1)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, width), nn.LayerNorm(width))
+
+    def forward(self, shallow: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
+        """shallow: (tokens, layers, width); deep: (tokens, 1, width) -> (tokens, width)."""
+        unit = nn.functional.normalize(shallow, dim=-1, eps=1e-6)
+        redundancy = torch.relu(unit @ unit.transpose(1, 2)).sum(-1, keepdim=True)  # (tokens, layers, 1), >= 1
+        weights = torch.relu(self.score(shallow * deep)) / redundancy
+        weights = weights / (weights.sum(1, keepdim=True) + 1e-6)
+        return (self.mlp((weights * shallow).sum(1, keepdim=True)) + deep).squeeze(1)
+
+
+class SHERLNetwork(FrozenBackboneClassifier):
+    def __init__(self, model, late_layers: int, downsample_factor: int, gate_temperature: float, pooling: str):
+        super().__init__(model)
+        config = model.config
+        hidden, width = config.hidden_size, config.hidden_size // downsample_factor
+        self.early = len(encoder_layers(model)) - late_layers
+        self.project = nn.ModuleList(nn.Sequential(nn.Linear(hidden, width), nn.LayerNorm(width))
+                                     for _ in range(self.early + 1))
+        self.aggregate = AntiRedundancyAggregation(hidden, width)
+        self.out = nn.Linear(width, hidden)
+        self.out_norm = nn.LayerNorm(hidden)
+        self.gate = nn.Parameter(torch.zeros(1))  # beta; tanh(beta / T) weighs the plain early output
+        self.head = ClassifierHead(hidden, config)
+        self.temperature, self.pooling = gate_temperature, pooling
+
+    def late(self) -> nn.ModuleList:
+        return encoder_layers(self.model)[self.early:]
+
+    def frozen_features(self, input_ids, attention_mask, token_type_ids=None):
+        return frozen_hidden_states(self.model, input_ids, attention_mask, token_type_ids, num_layers=self.early)
+
+    def trainable_path(self, hidden_states, attention_mask):
+        x = [project(h) for project, h in zip(self.project, hidden_states)]  # embedding + early layers' outputs
+        batch, length, width = x[0].shape
+        shallow = torch.stack(x[:-1], dim=2).reshape(batch * length, len(x) - 1, width)
+        guided = self.aggregate(shallow, x[-1].reshape(batch * length, 1, width)).reshape(batch, length, width)
+        hidden = self.out_norm(self.out(torch.relu(guided)))
+        hidden = hidden + torch.tanh(self.gate / self.temperature) * hidden_states[-1]
+        mask = layer_mask(self.config, hidden, attention_mask)
+        for layer in self.late():
+            hidden = run_layer(layer, hidden, mask)
+        return self.head(pool(hidden, attention_mask, self.pooling))
+
+
+class SHERL(Method):
+    name = "sherl"
+    family = "METL"
+    description = "SHERL: anti-redundancy consolidation of no-grad early layers, back-propagation through the last layer(s) only"
+    paper = "Diao et al., SHERL: Synthesizing High Accuracy and Efficient Memory for Resource-Limited Transfer Learning, ECCV 2024"
+    trains = "consolidation adapter (MTSA) + head (+ late layers with train_late_layers)"
+    default_lr = 1e-3  # no text-classification setting in the paper; on sst2/MiniLM: 1e-3 .79, 3e-3 .77
+    defaults = {"late_layers": 1, "train_late_layers": False, "late_lr_ratio": 0.1, "downsample_factor": 2,
+                "gate_temperature": 0.1, "pooling": "cls"}
+
+    def check_hparams(self):
+        h = self.hparams
+        if h["late_layers"] < 1:
+            raise ValueError("late_layers must be at least 1")
+        if h["downsample_factor"] < 1:
+            raise ValueError("downsample_factor must be at least 1")
+        if h["gate_temperature"] <= 0:
+            raise ValueError("gate_temperature must be positive")
+        if h["late_lr_ratio"] <= 0:
+            raise ValueError("late_lr_ratio must be positive")
+        if h["pooling"] not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {h['pooling']!r}")
+
+    def _check_depth(self, model):
+        layers = model.config.num_hidden_layers
+        if self.hparams["late_layers"] >= layers:
+            raise ValueError(f"late_layers {self.hparams['late_layers']} leaves none of the backbone's {layers} "
+                             "layers in the early route; use fewer")
+
+    def apply(self, model, task):
+        self._check_depth(model)
+        freeze_all(model)
+        h = self.hparams
+        wrapped = SHERLNetwork(model, h["late_layers"], h["downsample_factor"], h["gate_temperature"], h["pooling"])
+        if h["train_late_layers"]:
+            for p in wrapped.late().parameters():
+                p.requires_grad_(True)
+        return wrapped
+
+    def param_groups(self, model, lr):
+        late = {id(p) for p in model.late().parameters()}
+        trained = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in trained if id(p) not in late], "lr": lr}]
+        if self.hparams["train_late_layers"]:
+            groups.append({"params": [p for p in trained if id(p) in late], "lr": lr * self.hparams["late_lr_ratio"]})
+        return groups
+
+    def expected_trainable_params(self, model, task):
+        self._check_depth(model)
+        config, h = model.config, self.hparams
+        hidden, late = config.hidden_size, h["late_layers"]
+        width = hidden // h["downsample_factor"]
+        project = (config.num_hidden_layers - late + 1) * (hidden * width + width + 2 * width)
+        aggregate = (width + 1) + (width * hidden + hidden) + (hidden * width + width) + 2 * width
+        out = width * hidden + hidden + 2 * hidden + 1  # linear, LayerNorm, gate
+        tuned = late * bert_layer_size(hidden, config.intermediate_size) if h["train_late_layers"] else 0
+        return project + aggregate + out + tuned + ClassifierHead.size(hidden, task.num_labels)

@@ -1,0 +1,98 @@
+"""UniPT: a lightweight parallel network over every layer's hidden states of a frozen backbone.
+
+Diao, Wan, Zhang, Jia, Lu & Chen, "UniPT: Universal Parallel Tuning for Transfer
+Learning with Efficient Parameter and Memory", CVPR 2024.
+
+Trainable: per hidden state (embedding output and every layer's output) a
+down-projection to width m = hidden / downsample_factor (default 2) with a
+LayerNorm; the confidence gate (a linear map to one score); the projection
+(linear + LayerNorm) of the merged features; the up-projection (ReLU, linear)
+back to the backbone's width; the classification head.
+Not back-propagated through: the backbone, run under torch.no_grad (no graph,
+no saved activation, no gradient).
+
+The parallel network, with every hidden state h_l down-projected to x_l:
+- Parallel interaction: the last layer's x_N is the anchor. For every lower
+  l, token i of the anchor gathers from layer l with weights
+  w_ij = relu(<x_N,i, x_l,j>) over non-padding tokens j, L1-normalised over j,
+  plus the identity (each token keeps its own layer-l feature):
+  merged_l = (W + I) x_l.
+- Confidence aggregation: c_l = gate(mean(x_N) * mean(x_l)) (masked means
+  over tokens), softmax over layers; merged = sum_l c_l merged_l.
+- Output: up(relu(x_N + proj(merged))), pooled at [CLS] (or the mean over
+  tokens, `pooling: mean`) into the classifier.
+
+Departures from the paper:
+- Text classification with a BERT-style encoder; the paper's text-side
+  experiments pool the output for retrieval. The classifier here reads the
+  [CLS] position of the parallel network's output.
+- downsample_factor 2 follows the authors' public configuration for BERT text
+  encoders; the paper reports other factors as well.
+"""
+
+import torch
+from torch import nn
+
+from methods._frozen import POOLINGS, ClassifierHead, FrozenBackboneClassifier, frozen_hidden_states, pool
+from harness.method import Method, freeze_all
+
+
+class UniPTNetwork(FrozenBackboneClassifier):
+    def __init__(self, model, downsample_factor: int, pooling: str):
+        super().__init__(model)
+        config = model.config
+        hidden, width = config.hidden_size, config.hidden_size // downsample_factor
+        self.down = nn.ModuleList(nn.Sequential(nn.Linear(hidden, width), nn.LayerNorm(width))
+                                  for _ in range(config.num_hidden_layers + 1))
+        self.gate = nn.Linear(width, 1)
+        self.proj = nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width))
+        self.up = nn.Sequential(nn.ReLU(), nn.Linear(width, hidden))
+        self.head = ClassifierHead(hidden, config)
+        self.pooling = pooling
+
+    def frozen_features(self, input_ids, attention_mask, token_type_ids=None):
+        return frozen_hidden_states(self.model, input_ids, attention_mask, token_type_ids)
+
+    def trainable_path(self, hidden_states, attention_mask):
+        keys = attention_mask.unsqueeze(1).to(hidden_states[0].dtype)  # (batch, 1, length): padding never attended
+        anchor = self.down[-1](hidden_states[-1])
+        anchor_mean = pool(anchor, attention_mask, "mean")
+        identity = torch.eye(anchor.shape[1], dtype=anchor.dtype, device=anchor.device)
+        merged, confidence = [], []
+        for down, hidden in zip(self.down[:-1], hidden_states[:-1]):
+            x = down(hidden)
+            weights = torch.relu(anchor @ x.transpose(1, 2)) * keys
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-6) + identity
+            merged.append(weights @ x)
+            confidence.append(self.gate(anchor_mean * pool(x, attention_mask, "mean")))
+        confidence = torch.softmax(torch.cat(confidence, dim=1), dim=1)  # (batch, layers)
+        merged = (torch.stack(merged, dim=1) * confidence[:, :, None, None]).sum(1)
+        out = self.up(anchor + self.proj(merged))
+        return self.head(pool(out, attention_mask, self.pooling))
+
+
+class UniPT(Method):
+    name = "unipt"
+    family = "METL"
+    description = "UniPT: parallel network over all layers' hidden states (cross-layer interaction, confidence aggregation)"
+    paper = "Diao et al., UniPT: Universal Parallel Tuning for Transfer Learning with Efficient Parameter and Memory, CVPR 2024"
+    trains = "down-projections + interaction/aggregation layers + up-projection + head"
+    default_lr = 1e-3  # no text-classification setting in the paper; on sst2/MiniLM: 3e-4 .78, 1e-3 .79, 3e-3 .78
+    defaults = {"downsample_factor": 2, "pooling": "cls"}
+
+    def check_hparams(self):
+        if self.hparams["downsample_factor"] < 1:
+            raise ValueError("downsample_factor must be at least 1")
+        if self.hparams["pooling"] not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.hparams['pooling']!r}")
+
+    def apply(self, model, task):
+        freeze_all(model)
+        return UniPTNetwork(model, self.hparams["downsample_factor"], self.hparams["pooling"])
+
+    def expected_trainable_params(self, model, task):
+        hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
+        width = hidden // self.hparams["downsample_factor"]
+        down = (layers + 1) * (hidden * width + width + 2 * width)
+        gate, proj, up = width + 1, width * width + width + 2 * width, width * hidden + hidden
+        return down + gate + proj + up + ClassifierHead.size(hidden, task.num_labels)
