@@ -44,10 +44,13 @@ class TrainSettings:
     count_activations: str = "per_shape"  # "per_shape": once per distinct batch shape; "every_step"
     nvml_interval_s: float = 0.02  # NVML sampling period
     time_limit_s: float | None = None  # a cell running longer is stopped and recorded as timeout
+    evaluate: bool = True  # false: a memory-and-speed-only cell (no metric), e.g. a short run at another shape
+    host_memory_limit_gb: float | None = None  # cap on the worker's heap (RLIMIT_DATA); above it the cell ends as oom
 
     def __post_init__(self):
         positive = ["batch_size", "eval_batch_size", "max_seq_length", "max_steps", "max_train_samples",
-                    "max_eval_samples", "micro_batch_size", "epochs", "nvml_interval_s", "time_limit_s", "max_grad_norm"]
+                    "max_eval_samples", "micro_batch_size", "epochs", "nvml_interval_s", "time_limit_s", "max_grad_norm",
+                    "host_memory_limit_gb"]
         for key in positive:
             value = getattr(self, key)
             if value is not None and value <= 0:

@@ -2,14 +2,16 @@
 
 The runner knows cells, not methods. A cell whose record is already final with
 the same resolved config is skipped; `fresh` reruns everything. Only one run at
-a time may use a results directory (a lock file says who holds it).
+a time may use a results directory (a lock file, kept outside it, says who holds it).
 """
 
 import fcntl
+import hashlib
 import multiprocessing
 import os
 import signal
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,10 +37,19 @@ def preflight(suite: Suite, data_dir: Path | None) -> None:
                         "give a local model folder, or a hub id with network access") from None
 
 
+def lock_path(out_dir: Path) -> Path:
+    """Where the lock of a results directory lives: outside it, keyed by its absolute path, so that
+    deleting or replacing the directory during a run does not let a second run in."""
+    key = hashlib.sha256(str(out_dir.resolve()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"petl-harness-{os.getuid()}" / f"{key}.lock"
+
+
 @contextmanager
 def locked(out_dir: Path):
     out_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(out_dir / ".lock", "a+")
+    path = lock_path(out_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -48,7 +59,7 @@ def locked(out_dir: Path):
         raise UserError(str(out_dir), f"results directory is in use by {holder}",
                         "wait for that run to finish, or pass another --out") from None
     handle.truncate(0)
-    handle.write(f"pid {os.getpid()}\n")
+    handle.write(f"pid {os.getpid()} writing {out_dir.resolve()}\n")
     handle.flush()
     try:
         yield
@@ -132,8 +143,9 @@ def summarize(record: dict) -> str:
         return f"{status}: {(record.get('error') or {}).get('message', '')}"
     m = record["measurements"]
     primary = record["cell"]["task"]["primary_metric"]
+    score = record["metrics"].get(primary)
     act = m.get("activation_bytes")
-    return (f"ok  {primary}={record['metrics'][primary]['value']:.4f}  train {m.get('train_seconds', 0):.1f}s"
+    return (f"ok  {primary}={score['value']:.4f}" if score else "ok  (not evaluated)") + (f"  train {m.get('train_seconds', 0):.1f}s"
             + (f"  activations {act / 2**20:.1f} MiB" if act is not None else ""))
 
 

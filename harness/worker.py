@@ -8,6 +8,7 @@ diverged) is written as a record with the figures known up to then.
 """
 
 import random
+import resource
 import time
 import traceback
 import warnings
@@ -98,17 +99,16 @@ def run_cell(cell: dict, data_dir: Path | None, device_name: str = "auto", progr
             losses = train(model, groups, train_loader, settings, device, meter, progress)
         record["train"] = {"steps": len(losses), "first_loss": losses[0], "final_loss": losses[-1], "losses": losses,
                            "train_examples": len(train_frame)}
-        with meter.phase("eval"):
-            predictions, references, n = predict(model, eval_loader, task, device, settings.precision, progress)
-        record["metrics"] = {name: {"value": METRICS[name](predictions, references),
-                                    "higher_is_better": METRICS[name].higher_is_better} for name in task.metrics}
+        if settings.evaluate:
+            with meter.phase("eval"):
+                predictions, references, n = predict(model, eval_loader, task, device, settings.precision, progress)
+            record["metrics"] = {name: {"value": METRICS[name](predictions, references),
+                                        "higher_is_better": METRICS[name].higher_is_better} for name in task.metrics}
         record["status"] = "ok"
     except Diverged as exc:
         record.update(status="diverged", error=_error(exc))
-    except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
-        record.update(status="oom", error=_error(exc))
     except Exception as exc:
-        record.update(status="failed", error=_error(exc))
+        record.update(status="oom" if is_out_of_memory(exc) else "failed", error=_error(exc))
     finally:
         if meter is not None:
             record["measurements"].update(meter.summary())
@@ -117,6 +117,24 @@ def run_cell(cell: dict, data_dir: Path | None, device_name: str = "auto", progr
         record["measurements"]["total_seconds"] = time.time() - started
         record["finished_at"] = _now()
     return record
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's out-of-memory error, Python's MemoryError, or a failed host allocation, which torch raises
+    as a plain RuntimeError from its CPU allocator."""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "not enough memory" in str(exc))
+
+
+def limit_host_memory(gigabytes: float | None) -> None:
+    """Cap this process's data segment (heap and private anonymous mappings, where CPU tensors live), so
+    that a cell needing more fails its allocation, and is recorded as oom, instead of drawing the host's
+    out-of-memory killer onto it or onto its neighbours. Shared libraries' code is not counted."""
+    if gigabytes is not None:
+        _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        soft = int(gigabytes * 2**30) if hard == resource.RLIM_INFINITY else min(int(gigabytes * 2**30), hard)
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
 
 
 def _error(exc: BaseException) -> dict:
@@ -137,6 +155,7 @@ PRELOAD = ["harness.worker", "harness.method", "transformers.models.auto.modelin
 def run_job(job: dict, record_path: str) -> None:
     """Entry point of a cell's process: run the cell, write its record atomically."""
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter, not the user's concern
+    limit_host_memory(job["cell"]["train"].get("host_memory_limit_gb"))
     try:
         record = run_cell(job["cell"], Path(job["data_dir"]) if job["data_dir"] else None, job["device"], job["progress"])
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the runner records the cell

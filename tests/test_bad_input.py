@@ -26,6 +26,7 @@ CASES = [
     ("negative-lr", "tasks: [sst2]\nmethods: [{method: full, lr: -1.0e-5}]", {}, ["methods[0].lr", "positive"]),
     ("lr-type", "tasks: [sst2]\nmethods: [{method: full, lr: fast}]", {}, ["methods[0].lr", "float"]),
     ("unknown-train-key", f"tasks: [sst2]\n{GOOD_METHOD}\ntrain: {{batchsize: 8}}", {}, ["train.batchsize", "batch_size"]),
+    ("memory-limit-negative", f"tasks: [sst2]\n{GOOD_METHOD}\ntrain: {{host_memory_limit_gb: -4}}", {}, ["train.host_memory_limit_gb", "positive"]),
     ("bad-padding", f"tasks: [sst2]\n{GOOD_METHOD}\ntrain: {{padding: left}}", {}, ["train.padding", "dynamic"]),
     ("bad-precision", f"tasks: [sst2]\n{GOOD_METHOD}\ntrain: {{precision: fp8}}", {}, ["train.precision", "bf16"]),
     ("micro-batch", f"tasks: [sst2]\n{GOOD_METHOD}\ntrain: {{batch_size: 32, micro_batch_size: 5}}", {}, ["micro_batch_size", "divide"]),

@@ -4,6 +4,7 @@ is missing."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,12 +12,14 @@ import time
 
 from harness import results
 from harness.cli import main
+from harness.runner import lock_path
 
 SETTINGS = "train: {max_steps: 3, batch_size: 8, max_train_samples: 32, max_eval_samples: 16, max_seq_length: 32, timing_warmup_steps: 1}\n"
 
 # A plugin method that misbehaves on request, so a fault lands exactly where a test wants it.
 PLUGIN = '''
 import os, signal, time
+import torch
 from methods.full_finetune import FullFineTune
 
 class Misbehave(FullFineTune):
@@ -31,7 +34,15 @@ class Misbehave(FullFineTune):
             os.kill(os.getpid(), signal.SIGKILL)
         if fault == "sleep" and os.environ.get("TEST_FAULT_SLEEP"):
             time.sleep(float(os.environ["TEST_FAULT_SLEEP"]))
-        return super().apply(model, task)
+        model = super().apply(model, task)
+        if fault == "hog":  # asks for 16 GiB of host memory in the third forward pass (untouched, so harmless if granted)
+            calls = []
+            def hog(module, args):
+                calls.append(1)
+                if len(calls) == 3:
+                    module.hogged = torch.empty(16 * 2**30, dtype=torch.uint8)
+            model.register_forward_pre_hook(hog)
+        return model
 '''
 
 
@@ -66,6 +77,7 @@ def test_crash_diverged_and_timeout_are_recorded_and_the_suite_goes_on(tiny_suit
   - {method: PLUGIN, label: killed, hparams: {fault: sigkill}}
   - {method: full, label: diverge, lr: 1.0e+30, train: {max_grad_norm: null}}
   - {method: PLUGIN, label: slow, hparams: {fault: sleep}, train: {time_limit_s: 1.0}}
+  - {method: PLUGIN, label: hog, hparams: {fault: hog}, train: {host_memory_limit_gb: 8}}
   - {method: full, label: fine}""")
     out = tmp_path / "out"
     os.environ["TEST_FAULT_SLEEP"] = "60"
@@ -82,9 +94,12 @@ def test_crash_diverged_and_timeout_are_recorded_and_the_suite_goes_on(tiny_suit
     assert diverged["status"] == "diverged" and "loss is" in diverged["error"]["message"]
     assert diverged["train"] == {} and diverged["measurements"]["activation_bytes"] > 0, "figures known up to then are kept"
     assert record(out, "slow")["status"] == "timeout"
+    hog = record(out, "hog")
+    assert hog["status"] == "oom" and "allocate" in hog["error"]["message"], hog["error"]
+    assert hog["measurements"]["activation_bytes"] > 0, "figures known up to then are kept"
     assert record(out, "fine")["status"] == "ok"
     frame = results.load(out)
-    assert sorted(frame.status) == ["diverged", "failed", "failed", "ok", "timeout"]
+    assert sorted(frame.status) == ["diverged", "failed", "failed", "ok", "oom", "timeout"]
 
 
 def test_ctrl_c_keeps_finished_cells_and_rerun_resumes(tiny_suite, tmp_path, data_dir):
@@ -135,10 +150,12 @@ def test_second_run_on_the_same_results_is_refused(tiny_suite, tmp_path, data_di
     out = tmp_path / "out"
     proc = start(suite, out, data_dir, TEST_FAULT_SLEEP="30")
     try:
+        lock = lock_path(out)
         deadline = time.time() + 900
-        while "pid" not in ((out / ".lock").read_text() if (out / ".lock").exists() else ""):
+        while str(proc.pid) not in (lock.read_text() if lock.exists() else ""):
             assert time.time() < deadline and proc.poll() is None
             time.sleep(0.2)
+        shutil.rmtree(out)  # the lock lives outside the folder: deleting it does not let a second run in
         assert main(["run", str(suite), "--out", str(out), "--data-dir", str(data_dir), "--no-report"]) == 2
         err = capsys.readouterr().err
         assert "in use by pid" in err and len(err.strip().splitlines()) == 1

@@ -67,3 +67,21 @@ def test_same_seed_same_result(tiny_suite, tmp_path, data_dir):
         assert a["train"]["losses"] == b["train"]["losses"]
         assert a["metrics"] == b["metrics"]
         assert a["measurements"]["activation_bytes"] == b["measurements"]["activation_bytes"]
+
+
+def test_a_memory_only_cell_has_figures_but_no_metric(tiny_suite, tmp_path, data_dir):
+    """`evaluate: false` (e.g. the fixed-length rows of suites/metl_memory.yaml): trained and metered, not
+    evaluated; the results, the report and the gate take it as a cell without a score, not as a failure."""
+    out = tmp_path / "out"
+    body = BODY.replace("tasks: [sst2, stsb]", "tasks: [sst2]").replace(
+        "{method: linear_probe, lr: 1.0e-2}", "{method: linear_probe, lr: 1.0e-2, train: {evaluate: false}}")
+    assert run(tiny_suite(body), out, data_dir) == 0
+    record = json.loads((out / "sst2__linear_probe__seed0.json").read_text())
+    assert record["status"] == "ok" and record["metrics"] == {} and record["train"]["steps"] == 4
+    assert record["measurements"]["modelled_peak_bytes"] > 0 and "eval_seconds" not in record["measurements"]
+    frame = results.load(out).set_index("method")
+    assert frame.loc["linear_probe", "status"] == "ok" and frame.isna().loc["linear_probe", "metric"]
+    assert frame.loc["full", "metric"] >= 0
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+    assert "linear\\_probe | baseline | ok | —" in (tmp_path / "report" / "report.md").read_text(), "no score, not a failure"
+    assert main(["compare", str(out), str(out)]) == 0
