@@ -281,6 +281,8 @@ def load_suite(path: str | Path) -> Suite:
         mark = getattr(exc, "problem_mark", None)
         at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if isinstance(exc, yaml.constructor.ConstructorError):  # e.g. !!python/object: the safe loader builds plain data only
+            raise UserError(f"{path}{at}", f"YAML tag not allowed: {problem}", "suites are plain data; remove the tag") from None
         raise UserError(f"{path}{at}", f"YAML syntax error: {problem}", "fix the YAML at that line") from None
     except UnicodeDecodeError:
         raise UserError(str(path), "not a UTF-8 text file", "save the suite as UTF-8 YAML") from None

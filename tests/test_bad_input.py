@@ -93,3 +93,22 @@ def test_real_process_exits_2_without_traceback(case_id, tmp_path, data_dir):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert words[0] in proc.stderr
+
+
+def test_yaml_tags_that_would_run_code_are_refused(tmp_path, capsys, data_dir):
+    """Suites are read with a safe loader: a python/object tag is an error, never a call."""
+    marker = tmp_path / "pwned"
+    suite = write_case(tmp_path, f"tasks: [sst2]\n{GOOD_METHOD}\nnote: !!python/object/apply:os.system ['touch {marker}']", {})
+    assert main(["validate", str(suite), "--data-dir", str(data_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "YAML tag not allowed" in err and "python/object" in err, err
+    assert not marker.exists()
+
+
+def test_remote_code_is_off_unless_the_suite_turns_it_on(tmp_path):
+    from harness.config import load_suite
+    plain = load_suite(write_case(tmp_path, f"tasks: [sst2]\n{GOOD_METHOD}", {}))
+    assert plain.trust_remote_code is False and all(c.trust_remote_code is False for c in plain.cells())
+    with pytest.warns(UserWarning, match="trust_remote_code is on"):
+        trusting = load_suite(write_case(tmp_path, f"backbone: {{name: minilm-l6, trust_remote_code: true}}\ntasks: [sst2]\n{GOOD_METHOD}", {}))
+    assert all(c.trust_remote_code for c in trusting.cells())
