@@ -62,8 +62,13 @@ class MaskedMeanPooler(torch.nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.mask is None:
             return hidden.mean(1)
-        mask = self.mask[:, -hidden.shape[1]:].unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return masked_mean(hidden, self.mask[:, -hidden.shape[1]:])
+
+
+def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(batch, length, width) -> (batch, width): the mean over the non-padding tokens."""
+    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
 def use_mean_pooling(model) -> None:

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from harness.backbone import masked_mean
+
 POOLINGS = ("cls", "mean")
 
 
@@ -60,8 +62,7 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.
     """(batch, length, width) -> (batch, width): the first ([CLS]) token, or the mean over non-padding tokens."""
     if how == "cls":
         return hidden[:, 0]
-    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+    return masked_mean(hidden, attention_mask)
 
 
 class ClassifierHead(nn.Module):
