@@ -60,7 +60,13 @@ def start(suite, out, data_dir, **env):
     """The CLI as a user runs it, in its own process group (as a terminal's foreground job)."""
     return subprocess.Popen([sys.executable, "-m", "harness", "run", str(suite), "--out", str(out), "--data-dir",
                              str(data_dir), "--no-report"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, **env})
+                            start_new_session=True, env={**os.environ, **env}, preexec_fn=_default_sigint)
+
+
+def _default_sigint():
+    """A terminal's foreground job takes Ctrl-C; a job started in the background (`cmd &`) inherits SIGINT
+    ignored, and so would this test's child, whatever the harness does."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for(path, proc, seconds=900):
