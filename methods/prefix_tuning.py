@@ -3,37 +3,71 @@
 Li & Liang, "Prefix-Tuning: Optimizing Continuous Prompts for Generation",
 ACL 2021.
 Trainable: a prefix of num_virtual_tokens (default 10, the paper's
-table-to-text setting) keys and values for every layer, produced during
-training by the paper's reparametrisation P = MLP(P'), where P' is a small
-embedding (num_virtual_tokens x hidden_size) and the MLP has one tanh hidden
-layer of 512 units (the width of the authors' code); all of P', the MLP and
-the task head are trained and counted. Not back-propagated through: nothing is
-skipped; the gradient reaches the prefixes through the frozen attention of
-every layer above.
+table-to-text setting) keys and values for every layer, initialised, as the
+paper recommends, with the frozen model's own keys and values for real words
+(`init: words`: random vocabulary tokens, since a classification task has no
+task word to start from); the task head is trained too. Not back-propagated
+through: nothing is skipped; the gradient reaches the prefixes through the
+frozen attention of every layer above.
 
-Departures from the paper: the paper generates text with GPT-2/BART; here the
-encoder feeds a freshly initialised classification head, which is trained.
-The paper's lr 5e-5 (with batch size 5) was for generation with GPT-2; for
-classification with this small encoder the default is 1e-3, a documented
-choice (P-tuning v2, which applies the same deep prefixes to BERT-style
-encoders for NLU, uses 5e-3 to 1e-2 without the reparametrising MLP).
+Departures from the paper:
+- The paper trains the prefixes through a reparametrisation P = MLP(P') for
+  stable optimisation. On this encoder it is the unstable choice: with it
+  (`projection: true`, peft's random init, a 512-unit tanh MLP as in the
+  authors' code) MiniLM stays at SST-2's majority class in 5 of 6 runs (lr
+  2e-3 to 3e-2, 150 and 450 steps), while the prefixes trained directly from
+  real words' activations reach 0.79-0.81 at every lr from 3e-3 to 3e-2. So
+  the default is `projection: false`, as in P-tuning v2 (Liu et al., ACL 2022),
+  which applies the same deep prefixes to BERT-style encoders for NLU.
+  `projection: true` (with `init: random`) gives the paper's MLP.
+- The paper generates text with GPT-2/BART; here the encoder feeds a freshly
+  initialised classification head. Its lr 5e-5 (batch 5) was for generation;
+  the default here is P-tuning v2's 1e-2. `head_lr` optionally gives the head
+  its own learning rate.
 """
 
+import torch
+
+from methods._bert import encoder_layers
 from methods._peft import PeftMethod, head_names
 
 
 class PrefixTuning(PeftMethod):
     name = "prefix_tuning"
     family = "PETL"
-    description = "prefix tuning (peft): trainable key/value prefixes in every layer via an MLP, head trained"
+    description = "prefix tuning (peft): trainable key/value prefixes in every layer, from real words' activations, head trained"
     paper = "Li & Liang, Prefix-Tuning: Optimizing Continuous Prompts for Generation, ACL 2021"
-    trains = "prefix embedding + reparametrising MLP + head"
-    default_lr = 1e-3
-    defaults = {"num_virtual_tokens": 10, "projection": True, "projection_hidden": 512}
+    trains = "key/value prefixes of every layer (+ the MLP with projection) + head"
+    default_lr = 1e-2
+    defaults = {"num_virtual_tokens": 10, "projection": False, "projection_hidden": 512, "init": "words",
+                "head_lr": None}
 
     def check_hparams(self):
         if self.hparams["num_virtual_tokens"] < 1 or self.hparams["projection_hidden"] < 1:
             raise ValueError("num_virtual_tokens and projection_hidden must be at least 1")
+        if self.hparams["init"] not in ("random", "words"):
+            raise ValueError("init must be 'random' or 'words'")
+        if self.hparams["init"] == "words" and self.hparams["projection"]:
+            raise ValueError("init 'words' sets the prefixes themselves and needs projection: false; "
+                             "with projection: true use init: 'random'")
+        if self.hparams["head_lr"] is not None and not (isinstance(self.hparams["head_lr"], (int, float))
+                                                        and self.hparams["head_lr"] > 0):
+            raise ValueError("head_lr must be positive")
+
+    def apply(self, model, task):
+        wrapped = super().apply(model, task)
+        if self.hparams["init"] == "words":
+            prefix = wrapped.prompt_encoder[wrapped.active_adapter].embedding.weight
+            with torch.no_grad():
+                prefix.copy_(word_keys_values(wrapped.base_model, self.hparams["num_virtual_tokens"], self.name))
+        return wrapped
+
+    def param_groups(self, model, lr):
+        if self.hparams["head_lr"] is None:
+            return super().param_groups(model, lr)
+        prefix = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("prompt_encoder.")]
+        head = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("prompt_encoder.")]
+        return [{"params": prefix, "lr": lr}, {"params": head, "lr": self.hparams["head_lr"]}]
 
     def peft_config(self, model, task):
         from peft import PrefixTuningConfig, TaskType
@@ -48,3 +82,23 @@ class PrefixTuning(PeftMethod):
             return n * prefix
         h = self.hparams["projection_hidden"]
         return n * d + (d * h + h) + (h * prefix + prefix)
+
+
+@torch.no_grad()
+def word_keys_values(model, n: int, method: str) -> torch.Tensor:
+    """The frozen model's keys and values for n random vocabulary tokens, in every
+    layer, laid out as peft's flat prefix (n x layers*2*hidden: layer 0's key, its
+    value, layer 1's key, ...): the paper's initialisation from real words."""
+    modules = [getattr(layer.attention.self, part) for layer in encoder_layers(model, method) for part in ("key", "value")]
+    captured = {}
+    hooks = [m.register_forward_hook(lambda m, i, out: captured.__setitem__(m, out[0])) for m in modules]
+    was_training = model.training
+    try:
+        words = torch.randint(0, model.get_input_embeddings().weight.shape[0], (1, n), device=model.device)
+        model.eval()  # no dropout in the activations we copy
+        model.base_model(input_ids=words, attention_mask=torch.ones_like(words))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return torch.cat([captured[m] for m in modules], dim=-1)

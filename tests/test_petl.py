@@ -34,6 +34,7 @@ FRACTION_PERCENT = {
     "parallel_adapter": (0.1, 1.0),  # paper: about 0.5% of RoBERTa-base
     "dora": (0.3, 3.0),  # paper: 0.43-0.84% of LLaMA-7B
     "adalora": (0.5, 3.0),  # paper: 0.7% of DeBERTaV3-base at the final budget; initial budget is 1.5x
+    "prefix_tuning": (0.05, 0.5),  # paper: 0.1% of GPT-2 (the prefix kept at inference)
 }
 
 
@@ -72,9 +73,10 @@ def test_reparametrised_prompts_count_what_is_trained(minilm):
     base, task = minilm
     total, d, layers = count(base.parameters()), base.config.hidden_size, base.config.num_hidden_layers
     head = 2 * d + 2
-    for name, kept_at_inference in [("prefix_tuning", 10 * layers * 2 * d), ("p_tuning", 20 * d)]:
+    for name, kept_at_inference, hparams in [("prefix_tuning", 10 * layers * 2 * d, {"projection": True, "init": "random"}),
+                                             ("p_tuning", 20 * d, {})]:
         assert 0.01 <= 100 * kept_at_inference / total <= 0.5
-        trained = trainable_count(applied(base, name))
+        trained = trainable_count(applied(base, name, **hparams))
         assert trained - head > 20 * kept_at_inference, f"{name}: the reparametrisation is trained and counted"
         assert 100 * trained / total < 15
 
@@ -95,6 +97,37 @@ def test_peft_wrapper_trains_exactly_what_peft_marks(name):
     assert harness_model.get_nb_trainable_parameters()[0] == method.expected_trainable_params(tiny_bert(task), task)
     grouped = [p for g in method.param_groups(harness_model, 1e-3) for p in g["params"]]
     assert sorted(map(id, grouped)) == sorted(id(p) for p in harness_model.parameters() if p.requires_grad)
+
+
+def test_prefix_starts_from_real_words_keys_and_values():
+    """init 'words': each layer's prefix holds the frozen layer's own key and value
+    vectors for real vocabulary tokens, where peft's cache reads them."""
+    task = toy_task()
+    model = registry()["prefix_tuning"]().apply(tiny_bert(task), task).eval()
+    base, n, d = model.base_model, 10, model.base_model.config.hidden_size
+    prefix = model.prompt_encoder["default"].embedding.weight.detach()
+    cache = model.get_prompt(batch_size=1)
+    for layer, attention in enumerate(l.attention.self for l in base.base_model.encoder.layer):
+        for part, stored in (("key", cache.layers[layer].keys), ("value", cache.layers[layer].values)):
+            as_fed = stored[0].transpose(0, 1).reshape(n, d)  # (heads, n, head_dim) -> n x d
+            assert torch.equal(as_fed, prefix[:, (2 * layer + (part == "value")) * d:][:, :d])
+    # and they are real words: virtual token i's layer-0 key is that of some vocabulary
+    # token at position i (layer 0's keys depend on nothing but the token and its position)
+    every_token = torch.arange(base.config.vocab_size)[:, None].repeat(1, n)
+    keys0 = base.base_model.encoder.layer[0].attention.self.key(base.base_model.embeddings(input_ids=every_token))
+    for i, row in enumerate(prefix[:, :d]):
+        assert torch.isclose(keys0[:, i], row, atol=1e-5).all(-1).any(), f"virtual token {i} is no real word"
+
+
+def test_prefix_head_lr_is_the_heads_alone():
+    task = toy_task()
+    method = registry()["prefix_tuning"](head_lr=5e-2)
+    model = method.apply(tiny_bert(task), task)
+    prefix_group, head_group = method.param_groups(model, 1e-2)
+    assert prefix_group["lr"] == 1e-2 and head_group["lr"] == 5e-2
+    assert [id(p) for p in prefix_group["params"]] == [id(model.prompt_encoder["default"].embedding.weight)]
+    assert count(head_group["params"]) == count(p for p in model.parameters() if p.requires_grad) - \
+        count(prefix_group["params"])
 
 
 def test_pasta_adds_vectors_at_special_tokens_only(minilm, tokenizer):
