@@ -40,9 +40,10 @@ Departures from the paper:
   norm over the intermediate rows and output columns. `init: random` draws
   them as BERT initialises new layers.
 - Layer dropping: `drop_layers` lists backbone layers that get no side layer
-  (nor ladder), as the paper's layer dropping does to save memory (the
-  authors' T5-base script drops every fourth layer, 0, 4 and 8 of 12). The
-  default drops none, so the side network has the backbone's full depth.
+  (nor ladder), the paper's layer dropping. The default (null) follows the
+  authors' script for their GLUE table (T5-base, `encoder_side_layers`
+  [1,2,3,5,6,7,9,10,11]): every fourth layer from the first is dropped, so
+  layers 0 and 4 of a 6-layer MiniLM. `[]` keeps the backbone's full depth.
 - Ladders, up-projection: PyTorch's default Linear initialisation, as in the
   authors' code.
 """
@@ -156,7 +157,7 @@ class LadderSideTuning(Method):
     paper = "Sung, Cho & Bansal, LST: Ladder Side-Tuning for Parameter and Memory Efficient Transfer Learning, NeurIPS 2022"
     trains = "side network (width/r) + ladders + gates + up-projection + head"
     default_lr = 3e-3  # the authors' GLUE script for T5-base
-    defaults = {"reduction_factor": 8, "gate_temperature": 0.1, "init": "prune", "pooling": "cls", "drop_layers": []}
+    defaults = {"reduction_factor": 8, "gate_temperature": 0.1, "init": "prune", "pooling": "cls", "drop_layers": None}
 
     def check_hparams(self):
         h = self.hparams
@@ -169,19 +170,28 @@ class LadderSideTuning(Method):
         if h["pooling"] not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {h['pooling']!r}")
         drop = h["drop_layers"]
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in drop) or len(set(drop)) != len(drop):
-            raise ValueError(f"drop_layers must list distinct layer indices, got {drop!r}")
+        if drop is not None and (not isinstance(drop, (list, tuple)) or len(set(drop)) != len(drop)
+                                 or not all(isinstance(i, int) and not isinstance(i, bool) for i in drop)):
+            raise ValueError(f"drop_layers must be null or list distinct layer indices, got {drop!r}")
+
+    def dropped(self, num_layers: int) -> list[int]:
+        """The layers without a side layer: as set, or by default every fourth from layer 0
+        (none of a one-layer backbone, which would be left without a side network)."""
+        drop = self.hparams["drop_layers"]
+        if drop is None:
+            return list(range(0, num_layers, 4)) if num_layers > 1 else []
+        return list(drop)
 
     def apply(self, model, task):
         freeze_all(model)
         h = self.hparams
         return LadderSideNetwork(model, h["reduction_factor"], h["gate_temperature"], h["init"], h["pooling"],
-                                 h["drop_layers"])
+                                 self.dropped(model.config.num_hidden_layers))
 
     def expected_trainable_params(self, model, task):
         config = model.config
         hidden, r = config.hidden_size, self.hparams["reduction_factor"]
-        layers = len(kept_layers(config.num_hidden_layers, self.hparams["drop_layers"]))
+        layers = len(kept_layers(config.num_hidden_layers, self.dropped(config.num_hidden_layers)))
         width = side_width(config, r)
         ladders = (layers + 1) * (hidden * width + width)
         side = layers * bert_layer_size(width, config.intermediate_size // r)

@@ -19,7 +19,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from methods._frozen import classification_loss, encoder_layers, frozen_hidden_states
 from harness.meter import SavedTensorCounter
-from harness.method import registry
+from harness.method import count, registry
 from methods.sherl import AntiRedundancyAggregation
 from methods.vqt import read_layer
 from tests.conftest import tiny_bert, toy_batch, toy_task
@@ -121,7 +121,7 @@ def test_lst_prune_init_slices_the_backbone_by_magnitude():
     with torch.no_grad():
         model.base_model.embeddings.word_embeddings.weight[:, 5] *= 100  # residual dimension 5 must be kept
         model.base_model.encoder.layer[0].intermediate.dense.weight[7] *= 100  # and feed-forward unit 7 of layer 0
-    wrapped, _ = applied("lst", model, task)
+    wrapped, _ = applied("lst", model, task, drop_layers=[])  # every layer, so layer 0 has a side layer
     kept = wrapped.pruned
     assert 5 in kept["hidden"].tolist() and 7 in kept["feed_forward"][0].tolist()
     assert len(kept["hidden"]) == 64 // 8
@@ -228,6 +228,17 @@ def test_lst_dropped_layers_have_no_ladder():
         base = wrapped.trainable_path(states, mask)
         torch.testing.assert_close(wrapped.trainable_path(shifted(1), mask), base)  # layer 0's output: dropped
         assert not torch.allclose(wrapped.trainable_path(shifted(2), mask), base)
+
+
+@pytest.mark.parametrize("layers, kept", [(1, [0]), (3, [1, 2]), (6, [1, 2, 3, 5]), (12, [1, 2, 3, 5, 6, 7, 9, 10, 11])])
+def test_lst_drops_every_fourth_layer_by_default(layers, kept):
+    """The authors' GLUE script keeps side layers [1,2,3,5,6,7,9,10,11] of T5-base's 12."""
+    task = toy_task(2)
+    method = registry()["lst"]()
+    wrapped = method.apply(deeper_bert(task, layers=layers), task)
+    assert wrapped.kept == kept and len(wrapped.side_layers) == len(kept)
+    assert count(p for p in wrapped.parameters() if p.requires_grad) == \
+        method.expected_trainable_params(deeper_bert(task, layers=layers), task)
 
 
 def test_sherl_tuned_late_layers_get_their_own_learning_rate():
