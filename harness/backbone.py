@@ -75,13 +75,14 @@ def use_mean_pooling(model) -> None:
     base = model.base_model
     if getattr(base, "pooler", None) is None and not hasattr(base, "pooler"):
         raise ValueError(f"mean pooling needs a backbone with a pooler to replace; {type(base).__name__} has none")
-    pooler = MaskedMeanPooler()
-    base.pooler = pooler
+    base.pooler = MaskedMeanPooler()
+    base.register_forward_pre_hook(_remember_mask, with_kwargs=True)
 
-    def remember_mask(module, args, kwargs):
-        pooler.mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
 
-    base.register_forward_pre_hook(remember_mask, with_kwargs=True)
+def _remember_mask(backbone, args, kwargs):
+    # Reaches the pooler through the module the hook fires on, never a closure: a deep
+    # copy of the model shares its hooks, and must fill its own pooler's mask.
+    backbone.pooler.mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
 
 
 def load_model(ref: str | None, task, trust_remote_code: bool = False, pooling: str = "auto"):
