@@ -203,10 +203,12 @@ def _parse_component(raw: dict, where: str) -> Component:
         raise UserError(f"{where}.hparams", "must be a mapping", "e.g. hparams: {r: 8}")
     cls = resolve_method(ref, f"{where}.method")
     try:
-        cls(**hparams)  # construct once now, so a bad hyperparameter fails before any training
+        method = cls(**hparams)  # construct once now, so a bad hyperparameter fails before any training
     except (ValueError, TypeError) as exc:
         raise UserError(f"{where}.hparams", str(exc), "see the method's defaults in `harness list methods -v`") from None
-    return Component(ref, hparams)
+    # Every hyperparameter, defaults included: the record says exactly what ran, and a
+    # changed default changes the cell's hash, so a resumed suite reruns the cell.
+    return Component(ref, dict(method.hparams))
 
 
 def _parse_entry(raw, where: str, suite_train: dict) -> MethodEntry:

@@ -1,6 +1,7 @@
 """Suite files: settings resolve in a fixed order, and a cell's identity follows its settings."""
 
 from harness.config import load_suite
+from harness.method import registry
 
 
 def test_settings_resolve_suite_then_task_then_method(tmp_path):
@@ -30,3 +31,14 @@ def test_lr_defaults_to_the_method_and_config_hash_follows_settings(tmp_path):
     path.write_text("tasks: [sst2]\nmethods: [{method: full}, {method: lora, lr: 2.0e-3}]\n")
     full2, lora2 = load_suite(path).cells()
     assert full.config_hash() == full2.config_hash() and lora.config_hash() != lora2.config_hash()
+
+
+def test_cells_carry_every_hyperparameter_so_a_changed_default_reruns(tmp_path, monkeypatch):
+    path = tmp_path / "s.yaml"
+    path.write_text("tasks: [sst2]\nmethods: [{method: lora, hparams: {r: 4}}]\n")
+    cell, = load_suite(path).cells()
+    lora = registry()["lora"]
+    assert cell.to_dict()["method"][0]["hparams"] == {**lora.defaults, "r": 4}
+    monkeypatch.setattr(lora, "defaults", {**lora.defaults, "alpha": lora.defaults["alpha"] * 2})
+    changed, = load_suite(path).cells()
+    assert changed.config_hash() != cell.config_hash()
