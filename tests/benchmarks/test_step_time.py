@@ -74,7 +74,7 @@ def test_meter_overhead(benchmark, batch, device):
 
     def paired_rounds():
         with on.phase("train"), off.phase("train"):
-            for _ in range(2):
+            for _ in range(5):  # interleaved pairs: drift in clocks or load hits both sides
                 for label, meter in (("off", off), ("on", on)):
                     start = time.perf_counter()
                     one_step(model, optimizer, batch, meter)
