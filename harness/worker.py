@@ -9,6 +9,7 @@ diverged) is written as a record with the figures known up to then.
 
 import random
 import resource
+import threading
 import time
 import traceback
 import warnings
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import tqdm
 
 from harness import backbone, data, environment, results
 from harness.config import TrainSettings
@@ -155,6 +157,10 @@ PRELOAD = ["harness.worker", "harness.method", "transformers.models.auto.modelin
 def run_job(job: dict, record_path: str) -> None:
     """Entry point of a cell's process: run the cell, write its record atomically."""
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter, not the user's concern
+    # tqdm guards its bars with a multiprocessing lock, a named semaphore, by default; a cell's process
+    # runs one bar at a time, and one stopped by Ctrl-C or SIGTERM could leave the semaphore behind for the
+    # resource tracker to warn about.
+    tqdm.tqdm.set_lock(threading.RLock())
     limit_host_memory(job["cell"]["train"].get("host_memory_limit_gb"))
     try:
         record = run_cell(job["cell"], Path(job["data_dir"]) if job["data_dir"] else None, job["device"], job["progress"])

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from harness import results
 from harness.cli import main
 from harness.runner import lock_path
@@ -35,6 +37,14 @@ class Misbehave(FullFineTune):
         if fault == "sleep" and os.environ.get("TEST_FAULT_SLEEP"):
             time.sleep(float(os.environ["TEST_FAULT_SLEEP"]))
         model = super().apply(model, task)
+        if fault == "sleep_in_training":  # the second forward pass says so in a file, then sleeps
+            calls = []
+            def nap(module, args):
+                calls.append(1)
+                if len(calls) == 2 and os.environ.get("TEST_FAULT_MARKER"):
+                    open(os.environ["TEST_FAULT_MARKER"], "w").close()
+                    time.sleep(float(os.environ["TEST_FAULT_SLEEP"]))
+            model.register_forward_pre_hook(nap)
         if fault == "hog":  # asks for 16 GiB of host memory in the third forward pass (untouched, so harmless if granted)
             calls = []
             def hog(module, args):
@@ -108,18 +118,23 @@ def test_crash_diverged_and_timeout_are_recorded_and_the_suite_goes_on(tiny_suit
     assert sorted(frame.status) == ["diverged", "failed", "failed", "ok", "oom", "timeout"]
 
 
-def test_ctrl_c_keeps_finished_cells_and_rerun_resumes(tiny_suite, tmp_path, data_dir):
+@pytest.mark.parametrize("stop", ["ctrl_c", "sigterm"])
+def test_ctrl_c_keeps_finished_cells_and_rerun_resumes(stop, tiny_suite, tmp_path, data_dir):
+    """Ctrl-C reaches every process of the terminal's group; SIGTERM (`kill`, a CI job cancelled) the run alone."""
     suite = suite_with(tiny_suite, tmp_path, """
   - {method: full, label: first}
-  - {method: PLUGIN, label: second, hparams: {fault: sleep}}
+  - {method: PLUGIN, label: second, hparams: {fault: sleep_in_training}}
   - {method: full, label: third}""")
-    out = tmp_path / "out"
-    proc = start(suite, out, data_dir, TEST_FAULT_SLEEP="120")
-    wait_for(out / "sst2__first__seed0.json", proc)
-    time.sleep(3)  # the second cell is under way, asleep in apply
-    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    out, training = tmp_path / "out", tmp_path / "second-is-training"
+    proc = start(suite, out, data_dir, TEST_FAULT_SLEEP="120", TEST_FAULT_MARKER=str(training))
+    wait_for(training, proc)  # the second cell is under way, asleep in its second step
+    if stop == "ctrl_c":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.terminate()
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert "leaked" not in err, err  # a cell's process stopped mid-training leaves nothing behind
     assert record(out, "first")["status"] == "ok"
     assert record(out, "second")["status"] == "interrupted"
     assert not (out / "sst2__third__seed0.json").exists()
