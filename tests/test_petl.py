@@ -107,10 +107,11 @@ def test_prefix_starts_from_real_words_keys_and_values():
     base, n, d = model.base_model, 10, model.base_model.config.hidden_size
     prefix = model.prompt_encoder["default"].embedding.weight.detach()
     cache = model.get_prompt(batch_size=1)
-    for layer, attention in enumerate(l.attention.self for l in base.base_model.encoder.layer):
-        for part, stored in (("key", cache.layers[layer].keys), ("value", cache.layers[layer].values)):
+    for layer in range(base.config.num_hidden_layers):
+        for slot, stored in enumerate((cache.layers[layer].keys, cache.layers[layer].values)):
             as_fed = stored[0].transpose(0, 1).reshape(n, d)  # (heads, n, head_dim) -> n x d
-            assert torch.equal(as_fed, prefix[:, (2 * layer + (part == "value")) * d:][:, :d])
+            start = (2 * layer + slot) * d  # peft's flat layout: layer 0's key, its value, layer 1's key, ...
+            assert torch.equal(as_fed, prefix[:, start:start + d])
     # and they are real words: virtual token i's layer-0 key is that of some vocabulary
     # token at position i (layer 0's keys depend on nothing but the token and its position)
     every_token = torch.arange(base.config.vocab_size)[:, None].repeat(1, n)
