@@ -170,8 +170,9 @@ class LadderSideTuning(Method):
         if h["pooling"] not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {h['pooling']!r}")
         drop = h["drop_layers"]
-        if drop is not None and (not isinstance(drop, (list, tuple)) or len(set(drop)) != len(drop)
-                                 or not all(isinstance(i, int) and not isinstance(i, bool) for i in drop)):
+        if drop is not None and (not isinstance(drop, (list, tuple))
+                                 or not all(isinstance(i, int) and not isinstance(i, bool) for i in drop)
+                                 or len(set(drop)) != len(drop)):
             raise ValueError(f"drop_layers must be null or list distinct layer indices, got {drop!r}")
 
     def dropped(self, num_layers: int) -> list[int]:
