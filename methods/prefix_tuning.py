@@ -29,8 +29,8 @@ Departures from the paper:
 
 import torch
 
-from methods._bert import encoder_layers
-from methods._peft import PeftMethod, head_names
+from methods._bert import linear_names
+from methods._peft import PeftMethod, head_names, modules
 
 
 class PrefixTuning(PeftMethod):
@@ -90,9 +90,9 @@ def word_keys_values(model, n: int, method: str) -> torch.Tensor:
     """The frozen model's keys and values for n random vocabulary tokens, in every
     layer, laid out as peft's flat prefix (n x layers*2*hidden: layer 0's key, its
     value, layer 1's key, ...): the paper's initialisation from real words."""
-    modules = [getattr(layer.attention.self, part) for layer in encoder_layers(model, method) for part in ("key", "value")]
+    projections = modules(model, linear_names(model, ("key", "value"), method))  # layer by layer, key then value
     captured = {}
-    hooks = [m.register_forward_hook(lambda m, i, out: captured.__setitem__(m, out[0])) for m in modules]
+    hooks = [m.register_forward_hook(lambda m, i, out: captured.__setitem__(m, out[0])) for m in projections]
     was_training = model.training
     try:
         words = torch.randint(0, model.get_input_embeddings().weight.shape[0], (1, n), device=model.device)
@@ -102,4 +102,4 @@ def word_keys_values(model, n: int, method: str) -> torch.Tensor:
         model.train(was_training)
         for hook in hooks:
             hook.remove()
-    return torch.cat([captured[m] for m in modules], dim=-1)
+    return torch.cat([captured[m] for m in projections], dim=-1)
