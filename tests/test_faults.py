@@ -37,22 +37,24 @@ class Misbehave(FullFineTune):
         if fault == "sleep" and os.environ.get("TEST_FAULT_SLEEP"):
             time.sleep(float(os.environ["TEST_FAULT_SLEEP"]))
         model = super().apply(model, task)
-        if fault == "sleep_in_training":  # the second forward pass says so in a file, then sleeps
-            calls = []
-            def nap(module, args):
-                calls.append(1)
-                if len(calls) == 2 and os.environ.get("TEST_FAULT_MARKER"):
-                    open(os.environ["TEST_FAULT_MARKER"], "w").close()
-                    time.sleep(float(os.environ["TEST_FAULT_SLEEP"]))
-            model.register_forward_pre_hook(nap)
-        if fault == "hog":  # asks for 16 GiB of host memory in the third forward pass (untouched, so harmless if granted)
-            calls = []
-            def hog(module, args):
-                calls.append(1)
-                if len(calls) == 3:
-                    module.hogged = torch.empty(16 * 2**30, dtype=torch.uint8)
-            model.register_forward_pre_hook(hog)
+        if fault == "sleep_in_training" and os.environ.get("TEST_FAULT_MARKER"):
+            def say_so_then_sleep(module):
+                open(os.environ["TEST_FAULT_MARKER"], "w").close()
+                time.sleep(float(os.environ["TEST_FAULT_SLEEP"]))
+            on_forward(model, 2, say_so_then_sleep)
+        if fault == "hog":  # asks for 16 GiB of host memory (untouched, so harmless if granted)
+            on_forward(model, 3, lambda module: setattr(module, "hogged", torch.empty(16 * 2**30, dtype=torch.uint8)))
         return model
+
+
+def on_forward(model, n, action):
+    """Run action(model) at the start of the model's n-th forward pass."""
+    calls = []
+    def hook(module, args):
+        calls.append(1)
+        if len(calls) == n:
+            action(module)
+    model.register_forward_pre_hook(hook)
 '''
 
 
