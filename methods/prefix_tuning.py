@@ -27,6 +27,9 @@ Departures from the paper:
   its own learning rate.
 """
 
+import inspect
+import types
+
 import torch
 
 from methods._bert import linear_names
@@ -56,6 +59,7 @@ class PrefixTuning(PeftMethod):
             raise ValueError("head_lr must be positive")
 
     def apply(self, model, task):
+        offer_past_key_values(model, self.name)
         wrapped = super().apply(model, task)
         if self.hparams["init"] == "words":
             prefix = wrapped.prompt_encoder[wrapped.active_adapter].embedding.weight
@@ -103,3 +107,26 @@ def word_keys_values(model, n: int, method: str) -> torch.Tensor:
         for hook in hooks:
             hook.remove()
     return torch.cat([captured[m] for m in projections], dim=-1)
+
+
+def offer_past_key_values(model, method: str) -> None:
+    """Let peft hand its prefix cache to a model whose forward names it `cache`.
+
+    peft (0.21) feeds the prefixes as `past_key_values` and refuses a model whose
+    forward does not name that argument; transformers 5.2x renamed it `cache` in
+    its encoders (keeping the old name only as a deprecated alias). Where the
+    backbone takes `cache`, the model's forward is given a `past_key_values`
+    argument that passes the prefixes on as `cache`: the same keys and values,
+    prepended in every layer. Bound to the instance (not a closure), so a deep copy
+    calls its own forward."""
+    names = lambda f: inspect.signature(f).parameters
+    if "past_key_values" in names(model.forward) or "past_key_values" in names(model.base_model.forward):
+        return
+    if "cache" not in names(model.base_model.forward):
+        raise ValueError(f"{method}: {type(model.base_model).__name__}.forward takes neither past_key_values nor "
+                         "cache, so prefixes cannot be prepended to its keys and values")
+
+    def forward(self, *args, past_key_values=None, **kwargs):
+        return type(self).forward(self, *args, cache=past_key_values, **kwargs)
+
+    model.forward = types.MethodType(forward, model)

@@ -120,6 +120,27 @@ def test_prefix_starts_from_real_words_keys_and_values():
         assert torch.isclose(keys0[:, i], row, atol=1e-5).all(-1).any(), f"virtual token {i} is no real word"
 
 
+def test_prefix_keys_and_values_are_prepended_in_every_layer():
+    """Every layer's queries attend to num_virtual_tokens more keys than the text has, and the
+    prefixes carry weight; changing one layer's prefix values changes the output."""
+    task = toy_task()
+    model = tiny_bert(task)
+    model.set_attn_implementation("eager")  # eager attention returns its probabilities
+    model = registry()["prefix_tuning"]().apply(model, task).eval()
+    batch = toy_batch(task)
+    length, n = batch["input_ids"].shape[1], 10
+    with torch.no_grad():
+        out = model(**batch, output_attentions=True)
+        assert len(out.attentions) == model.base_model.config.num_hidden_layers
+        for probs in out.attentions:
+            assert probs.shape[-2:] == (length, n + length)
+            assert (probs[..., :n].sum(-1) > 0.01).all(), "every query gives the prefix some weight"
+        prefix = model.prompt_encoder["default"].embedding.weight
+        d = model.base_model.config.hidden_size
+        prefix[:, 3 * d:4 * d] += 1.0  # layer 1's values (layout: layer 0 key, value, layer 1 key, value)
+        assert not torch.allclose(model(**batch).logits, out.logits)
+
+
 def test_prefix_head_lr_is_the_heads_alone():
     task = toy_task()
     method = registry()["prefix_tuning"](head_lr=5e-2)
