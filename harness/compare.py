@@ -111,6 +111,7 @@ class Comparison:
     findings: list[Finding] = field(default_factory=list)
     notes: dict[str, list[str]] = field(default_factory=dict)  # note -> the cells it applies to
     figures_compared: int = 0
+    version_changes: list[str] = field(default_factory=list)  # "package baseline -> current", where they differ
 
     @property
     def failed(self) -> bool:
@@ -208,11 +209,27 @@ def _judge_cell(result: Comparison, name: str, base: dict | None, cur: dict | No
     return REGRESSED if REGRESSED in outcomes else IMPROVED if IMPROVED in outcomes else UNCHANGED
 
 
+def package_versions(records: list[dict]) -> dict[str, str]:
+    """Each package's version over a side's records ('a or b' where records disagree)."""
+    seen: dict[str, set] = {}
+    for record in records:
+        for name, version in ((record.get("env") or {}).get("packages") or {}).items():
+            seen.setdefault(name, set()).add(str(version))
+    return {name: " or ".join(sorted(versions)) for name, versions in sorted(seen.items())}
+
+
+def version_changes(base_records: list[dict], cur_records: list[dict]) -> list[str]:
+    base, cur = package_versions(base_records), package_versions(cur_records)
+    return [f"{name} {base.get(name, 'absent')} -> {cur.get(name, 'absent')}"
+            for name in sorted(base.keys() | cur.keys()) if base.get(name) != cur.get(name)]
+
+
 def compare(baseline: str | Path, current: str | Path, settings: dict) -> Comparison:
     """Judge every cell of `current` against `baseline` under resolved gate settings (gate.resolve)."""
-    base_rows = index(read_records(baseline), str(baseline))
-    cur_rows = index(read_records(current), str(current))
-    result = Comparison(str(baseline), str(current), settings)
+    base_records, cur_records = read_records(baseline), read_records(current)
+    base_rows = index(base_records, str(baseline))
+    cur_rows = index(cur_records, str(current))
+    result = Comparison(str(baseline), str(current), settings, version_changes=version_changes(base_records, cur_records))
     for key in sorted(base_rows.keys() | cur_rows.keys(), key=lambda k: (k[0], k[1], k[2])):
         name = cell_name(key)
         result.cells[name] = _judge_cell(result, name, base_rows.get(key), cur_rows.get(key))
@@ -243,6 +260,10 @@ def _settings_text(settings: dict) -> str:
     return text
 
 
+def _versions_text(result: Comparison) -> str:
+    return "package versions differ from the baseline's: " + ", ".join(result.version_changes)
+
+
 def _rows(result: Comparison) -> list[tuple[str, ...]]:
     return [("FAIL" if f.fails else "ok", f.outcome, f.cell, f.figure, f.baseline, f.current, f.change, f.tolerance)
             for f in result.findings]
@@ -258,7 +279,10 @@ def _note_lines(result: Comparison) -> list[str]:
 
 def render_text(result: Comparison) -> str:
     verdict, summary = _headline(result)
-    lines = [f"{verdict}: {result.baseline} -> {result.current}", summary, _settings_text(result.settings), ""]
+    lines = [f"{verdict}: {result.baseline} -> {result.current}", summary, _settings_text(result.settings)]
+    if result.version_changes:
+        lines.append(_versions_text(result))
+    lines.append("")
     rows = _rows(result)
     if rows:
         widths = [max(len(r[i]) for r in [COLUMNS, *rows]) for i in range(len(COLUMNS))]
@@ -280,6 +304,8 @@ def render_markdown(result: Comparison) -> str:
 
     lines = [f"### Regression gate: {verdict}", "",
              f"`{cell(result.baseline)}` -> `{cell(result.current)}`: {summary}.", "", _settings_text(result.settings), ""]
+    if result.version_changes:
+        lines += [cell(_versions_text(result)), ""]
     rows = _rows(result)
     if rows:
         lines.append("| " + " | ".join(COLUMNS) + " |")

@@ -75,6 +75,22 @@ def test_identical_results_pass(sides):
     assert out.startswith("PASS") and "8 unchanged" in out
 
 
+def test_package_versions_that_differ_are_named_in_one_line(sides, main):
+    base, cur = sides
+    _, same, _ = main(base, cur)
+    assert "package versions differ" not in same
+    for path in cur.glob("*.json"):
+        edit(cur, path.stem, lambda r: r["env"]["packages"].update(transformers="99.0.0"))
+    edit(cur, LORA, lambda r: r["env"]["packages"].update(peft="0.0.1"))
+    base_version = json.loads((base / f"{LORA}.json").read_text())["env"]["packages"]["transformers"]
+    status, out, _ = main(base, cur)
+    assert status == 0, "versions alone are news, not a regression"
+    lines = [line for line in out.splitlines() if "package versions differ" in line]
+    assert len(lines) == 1
+    assert f"transformers {base_version} -> 99.0.0" in lines[0]
+    assert "peft" in lines[0] and "0.0.1" in lines[0] and "torch" not in lines[0]
+
+
 def test_activation_bytes_ten_percent_above_baseline_fails_naming_the_cell(sides):
     base, cur = sides
     edit(cur, LORA, lambda r: r["measurements"].update(activation_bytes=int(r["measurements"]["activation_bytes"] * 1.10)))
