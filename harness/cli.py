@@ -11,11 +11,10 @@ from harness.errors import UserError
 
 
 def _cmd_run(args) -> int:
-    from harness import config, data, runner
+    from harness import config, runner
     suite = config.load_suite(args.suite)
-    data_dir = data.resolve_data_dir(args.data_dir)
     out_dir = Path(args.out) if args.out else Path("results") / suite.name
-    records = runner.run_suite(suite, out_dir, data_dir, args.device, args.fresh, args.max_train_samples)
+    records = runner.run_suite(suite, out_dir, args.data_dir, args.device, args.fresh, args.max_train_samples)
     counts = {}
     for r in records:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
@@ -47,10 +46,9 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_validate(args) -> int:
-    from harness import config, data, runner
+    from harness import config, runner
     suite = config.load_suite(args.suite)
-    data_dir = data.resolve_data_dir(args.data_dir)
-    runner.preflight(suite, data_dir)
+    runner.preflight(suite, args.data_dir)
     cells = suite.cells()
     print(f"{args.suite}: ok ({len(suite.tasks)} tasks x {len(suite.methods)} methods x {len(suite.seeds)} seeds = {len(cells)} cells)")
     return 0
@@ -169,6 +167,9 @@ def _positive_int(text: str) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if "data_dir" in vars(args):  # once, at start-up: a relative path means relative to where the command started
+            from harness import data
+            args.data_dir = data.resolve_data_dir(args.data_dir)
         return args.func(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

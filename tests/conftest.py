@@ -8,15 +8,23 @@ from harness.tasks import TaskSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
+# Read once, when pytest starts, against the directory it was started in (the variable may be relative,
+# as in README's set-up line); tests get it only through the `data_dir` fixture, as an absolute path.
+DATA_DIR = Path(os.environ.get("HARNESS_DATA_DIR") or SHARED_DATA).expanduser().resolve()
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    """Real GLUE parquet files: $HARNESS_DATA_DIR, else ../shared/data beside the checkout."""
-    path = Path(os.environ.get("HARNESS_DATA_DIR", SHARED_DATA))
-    if not (path / "glue").is_dir():
-        pytest.skip(f"no GLUE data at {path}")
-    return path
+    """Real GLUE parquet files: $HARNESS_DATA_DIR (as pytest started), else ../shared/data beside the checkout."""
+    if not (DATA_DIR / "glue").is_dir():
+        pytest.skip(f"no GLUE data at {DATA_DIR}")
+    return DATA_DIR
+
+
+@pytest.fixture(autouse=True)
+def _no_data_dir_from_the_caller(monkeypatch):
+    """No test sees the caller's HARNESS_DATA_DIR: one that needs data asks for `data_dir` and passes it on."""
+    monkeypatch.delenv("HARNESS_DATA_DIR", raising=False)
 
 
 def toy_task(num_labels: int = 2) -> TaskSpec:
