@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -48,6 +49,10 @@ class TrainSettings:
     host_memory_limit_gb: float | None = None  # cap on the worker's heap (RLIMIT_DATA); above it the cell ends as oom
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name}: must be a finite number, got {value}")
         positive = ["batch_size", "eval_batch_size", "max_seq_length", "max_steps", "max_train_samples",
                     "max_eval_samples", "micro_batch_size", "epochs", "nvml_interval_s", "time_limit_s", "max_grad_norm",
                     "host_memory_limit_gb"]
@@ -148,7 +153,8 @@ ENTRY_KEYS = {"method", "stack", "label", "lr", "hparams", "train"}
 TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainSettings)}
 
 
-def _unknown(where: str, key: str, known) -> UserError:
+def _unknown(where: str, key, known) -> UserError:
+    key = str(key)  # YAML keys may be numbers, booleans or null
     close = difflib.get_close_matches(key, known, n=1)
     fix = f"did you mean '{close[0]}'?" if close else f"allowed keys: {', '.join(sorted(known))}"
     return UserError(f"{where}.{key}", "unknown key", fix)
@@ -239,8 +245,8 @@ def _parse_entry(raw, where: str, suite_train: dict) -> MethodEntry:
         raise UserError(f"{where}.label", f"{label!r} is not a usable label", "use letters, digits, '-', '_', '+' or '.'")
     lr = raw.get("lr", resolve_method(components[0].ref, where).default_lr)
     lr = _check_type(f"{where}.lr", lr, float)
-    if lr <= 0:
-        raise UserError(f"{where}.lr", f"must be positive, got {lr}", "e.g. lr: 5.0e-5")
+    if not math.isfinite(lr) or lr <= 0:
+        raise UserError(f"{where}.lr", f"must be a positive number, got {lr}", "e.g. lr: 5.0e-5")
     overrides = parse_train(raw.get("train"), f"{where}.train")
     _settings({**suite_train, **overrides}, f"{where}.train")
     return MethodEntry(label, components, lr, overrides)
@@ -270,25 +276,44 @@ def _parse_task(raw, where: str, base_dir: Path, suite_train: dict) -> tuple[Tas
         raise UserError(where, "a task must be a name or a mapping with a name", "e.g. - sst2, or - {name: my_task, data_files: ...}")
     raw = dict(raw)
     name = raw.pop("name")
+    if not name or any(ch in name for ch in "/\\\0") or name.startswith("."):
+        raise UserError(f"{where}.name", f"{name!r} is not a usable task name (it names result files)",
+                        "use letters, digits, '-', '_' or '.'")
     return TaskSpec.from_mapping(name, raw, where, base_dir), {}
 
 
-def load_suite(path: str | Path) -> Suite:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(str(path), "suite file not found", "give the path of a suite YAML, e.g. suites/smoke.yaml")
+def yaml_file(path: Path, what: str, example: str):
+    """A user's YAML file as plain data; every way it cannot be read is a UserError naming it."""
+    if not path.exists():
+        raise UserError(str(path), f"{what} file not found", f"give the path of a {what} YAML, e.g. {example}")
+    if path.is_dir():
+        raise UserError(str(path), f"is a folder, not a {what} file", f"give the path of a {what} YAML, e.g. {example}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(str(path), f"not a UTF-8 text file (byte {exc.object[exc.start:exc.start + 1]!r} at offset {exc.start})",
+                        f"save the {what} as UTF-8 YAML") from None
+    except PermissionError:
+        raise UserError(str(path), "cannot be read: permission denied", "make it readable (e.g. chmod a+r)") from None
+    except OSError as exc:
+        raise UserError(str(path), f"cannot be read: {exc.strerror or exc}", f"give the path of a {what} YAML, e.g. {example}") from None
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        if isinstance(exc, yaml.constructor.ConstructorError):  # e.g. !!python/object: the safe loader builds plain data only
-            raise UserError(f"{path}{at}", f"YAML tag not allowed: {problem}", "suites are plain data; remove the tag") from None
+        if isinstance(exc, yaml.constructor.ConstructorError) and "tag" in problem:  # e.g. !!python/object: plain data only
+            raise UserError(f"{path}{at}", f"YAML tag not allowed: {problem}", f"{what}s are plain data; remove the tag") from None
         raise UserError(f"{path}{at}", f"YAML syntax error: {problem}", "fix the YAML at that line") from None
-    except UnicodeDecodeError:
-        raise UserError(str(path), "not a UTF-8 text file", "save the suite as UTF-8 YAML") from None
+
+
+def load_suite(path: str | Path) -> Suite:
+    path = Path(path)
+    raw = yaml_file(path, "suite", "suites/smoke.yaml")
     where = str(path)
+    if raw is None:
+        raise UserError(where, "the suite file is empty (no YAML in it)", "start from suites/smoke.yaml")
     if not isinstance(raw, dict):
         raise UserError(where, "a suite must be a YAML mapping", "start from suites/smoke.yaml")
     for key in raw:

@@ -22,49 +22,115 @@ SUBSET_SEED = 0  # the same train subset for every method and seed, so cells com
 
 
 def resolve_data_dir(flag: str | None) -> Path | None:
-    """--data-dir wins over HARNESS_DATA_DIR; None means 'use the hub'."""
+    """--data-dir wins over HARNESS_DATA_DIR; None means 'use the hub'.
+
+    Called once, at start-up: a relative value is taken against the working directory the
+    command was started in, and the absolute path is what the runner and workers receive."""
+    source = "--data-dir" if flag else DATA_DIR_ENV
     value = flag or os.environ.get(DATA_DIR_ENV)
     if not value:
         return None
-    path = Path(value).expanduser().resolve()
-    if not path.is_dir():
-        source = "--data-dir" if flag else DATA_DIR_ENV
+    path = Path(value).expanduser().absolute()
+    if not path.exists():
         raise UserError(source, f"data directory '{value}' does not exist", "point it at a folder holding glue/<task>/<split>.parquet")
-    return path
+    if not path.is_dir():
+        raise UserError(source, f"data directory '{value}' is a file, not a folder", "point it at a folder holding glue/<task>/<split>.parquet")
+    return path.resolve()
 
 
-def _local_file(task: TaskSpec, split: str, data_dir: Path | None) -> Path | None:
+def _local_file(task: TaskSpec, split: str, data_dir: Path | None) -> tuple[Path, str] | None:
+    """(file, where to blame) for a split read from disk; None when it comes from the hub."""
     if split in task.data_files:
+        where = f"task {task.name}.data_files.{split}"
         path = Path(task.data_files[split])
-        if not path.is_file():
-            raise UserError(f"task {task.name}.data_files.{split}", f"file '{path}' does not exist", "fix the path (relative to the suite file)")
-        return path
+        if not path.exists():
+            raise UserError(where, f"file '{path}' does not exist", "fix the path (relative to the suite file)")
+        return path, where
     if task.local and data_dir is not None:
         folder = data_dir / task.local
         for ext in READERS:
-            if (folder / f"{split}{ext}").is_file():
-                return folder / f"{split}{ext}"
+            if (folder / f"{split}{ext}").exists():
+                return folder / f"{split}{ext}", f"task {task.name} ({split} split)"
         raise UserError(f"task {task.name}", f"no {split} split under '{folder}'",
                         f"put {split}.parquet (or .csv/.json/.jsonl) there, or unset the data directory to use the hub")
     return None
 
 
-def load_split(task: TaskSpec, split: str, data_dir: Path | None) -> pd.DataFrame:
-    path = _local_file(task, split, data_dir)
-    if path is not None:
-        frame = READERS[path.suffix](path)
-    elif task.hub:
-        import datasets  # imported late: slow, and only the hub path needs it
-        frame = datasets.load_dataset(*task.hub, split=split).to_pandas()
-    else:
-        raise UserError(f"task {task.name}", f"no data for split '{split}'",
-                        f"set {DATA_DIR_ENV} or --data-dir, or give data_files.{split}")
-    check_split(task, split, frame)
+FORMAT_FIXES = {".parquet": "write it again with pandas' DataFrame.to_parquet (or pyarrow)",
+                ".csv": "save it as comma-separated UTF-8 text with a header line of column names",
+                ".json": "write one JSON array of records, e.g. [{\"text\": ..., \"label\": 0}] "
+                         "(one object per line is .jsonl)",
+                ".jsonl": "write one JSON object per line, e.g. {\"text\": ..., \"label\": 0}"}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def read_frame(path: Path, where: str) -> pd.DataFrame:
+    """The one place a user's data file is read. Whatever keeps it from being read as a table
+    (no such reader, a folder, no permission, not UTF-8, empty, corrupt, malformed) is a
+    UserError naming the file, never a reader's traceback."""
+    suffix = path.suffix.lower()
+    if suffix not in READERS:
+        raise UserError(where, f"'{path}' has extension '{path.suffix or '(none)'}', not a data format the harness reads",
+                        f"use a {', '.join(READERS)} file (the extension names the format)")
+    if path.is_dir():
+        raise UserError(where, f"'{path}' is a folder, not a data file", "point it at a file")
+    if not path.is_file():
+        raise UserError(where, f"'{path}' is not a regular file", "point it at a data file")
+    if not os.access(path, os.R_OK):
+        raise UserError(where, f"'{path}' cannot be read: permission denied", "make it readable (e.g. chmod a+r)")
+    if path.stat().st_size == 0:
+        raise UserError(where, f"'{path}' is empty (0 bytes)", FORMAT_FIXES[suffix])
+    try:
+        frame = READERS[suffix](path)
+    except MemoryError:
+        raise
+    except PermissionError:
+        raise UserError(where, f"'{path}' cannot be read: permission denied", "make it readable (e.g. chmod a+r)") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(where, f"'{path}' is not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at offset {exc.start})",
+                        "save it as UTF-8") from None
+    except pd.errors.EmptyDataError:
+        raise UserError(where, f"'{path}' has no columns", FORMAT_FIXES[suffix]) from None
+    except Exception as exc:  # noqa: BLE001 (each reader has its own errors; all mean 'not a readable file of this format')
+        kind = suffix.lstrip(".").upper()
+        raise UserError(where, f"'{path}' cannot be read as {kind}: {_first_line(exc)}", FORMAT_FIXES[suffix]) from None
+    if not isinstance(frame, pd.DataFrame):  # e.g. a JSON file holding one scalar or a list of scalars
+        raise UserError(where, f"'{path}' does not hold a table", FORMAT_FIXES[suffix])
     return frame
 
 
-def check_split(task: TaskSpec, split: str, frame: pd.DataFrame) -> None:
-    where = f"task {task.name} ({split} split)"
+def load_split(task: TaskSpec, split: str, data_dir: Path | None) -> pd.DataFrame:
+    local = _local_file(task, split, data_dir)
+    if local is not None:
+        frame, source = read_frame(*local), str(local[0])
+    elif task.hub:
+        frame, source = _load_hub(task, split), f"hub {'/'.join(task.hub)}"
+    else:
+        raise UserError(f"task {task.name}", f"no data for split '{split}'",
+                        f"set {DATA_DIR_ENV} or --data-dir, or give data_files.{split}")
+    check_split(task, split, frame, source)
+    return frame
+
+
+def _load_hub(task: TaskSpec, split: str) -> pd.DataFrame:
+    import datasets  # imported late: slow, and only the hub path needs it
+    try:
+        return datasets.load_dataset(*task.hub, split=split).to_pandas()
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (offline, unknown dataset or split: the hub's errors are many)
+        raise UserError(f"task {task.name} ({split} split)", f"cannot load {'/'.join(task.hub)} from the hub: "
+                        f"{type(exc).__name__}: {_first_line(exc)}",
+                        f"set {DATA_DIR_ENV} or --data-dir to a local copy, or check network access") from None
+
+
+def check_split(task: TaskSpec, split: str, frame: pd.DataFrame, source: str | None = None) -> None:
+    """The columns and labels a task needs; `source` (the file, or the hub id) is named in every error."""
+    where = f"task {task.name} ({split} split{f', {source}' if source else ''})"
     missing = [c for c in (*task.text_columns, task.label_column) if c not in frame.columns]
     if missing:
         raise UserError(where, f"missing column(s) {missing}; it has {list(frame.columns)}", "fix text_columns / label_column")
@@ -73,8 +139,21 @@ def check_split(task: TaskSpec, split: str, frame: pd.DataFrame) -> None:
     labels = frame[task.label_column]
     if labels.isna().any():
         raise UserError(where, f"{int(labels.isna().sum())} rows have no label", "drop them or fill the label column")
-    if not task.is_regression:
-        bad = sorted({v.item() if hasattr(v, 'item') else v for v in labels.unique()} - set(range(task.num_labels)), key=str)
+    if task.is_regression:
+        try:
+            numbers = pd.to_numeric(labels, errors="coerce").to_numpy(dtype=float)
+        except (TypeError, ValueError):  # e.g. JSON lists or objects as labels
+            numbers = np.full(len(labels), np.nan)
+        bad = ~np.isfinite(numbers)
+        if bad.any():
+            raise UserError(where, f"{int(bad.sum())} labels are not finite numbers, e.g. {labels[bad].tolist()[:3]}",
+                            "a regression label must be a number")
+    else:
+        try:
+            values = {v.item() if hasattr(v, 'item') else v for v in labels.unique()}
+        except TypeError:  # e.g. JSON lists or objects as labels
+            raise UserError(where, "labels are not single values", "labels must be integer class ids") from None
+        bad = sorted(values - set(range(task.num_labels)), key=str)
         if bad:
             raise UserError(where, f"labels {bad[:5]} are outside 0..{task.num_labels - 1}",
                             "labels must be integer class ids; fix num_labels or the data")

@@ -6,9 +6,14 @@ or a fault inside a run and is handled elsewhere.
 """
 
 
+def _one_line(text) -> str:
+    """A message quoted from elsewhere (a plugin's exception, a parser's) may span lines; ours is one."""
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
 class UserError(Exception):
     def __init__(self, where: str, problem: str, fix: str | None = None):
-        self.where, self.problem, self.fix = where, problem, fix
+        self.where, self.problem, self.fix = _one_line(where), _one_line(problem), _one_line(fix) if fix else None
         super().__init__(str(self))
 
     def __str__(self) -> str:

@@ -46,7 +46,15 @@ def lock_path(out_dir: Path) -> Path:
 
 @contextmanager
 def locked(out_dir: Path):
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(str(out_dir), "results directory is a file", "pass another --out, or move the file away")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(str(out_dir), f"cannot create the results directory: {exc.strerror or exc}",
+                        "pass an --out in a folder you can write") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise UserError(str(out_dir), "results directory is not writable", "pass an --out in a folder you can write")
     path = lock_path(out_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = open(path, "a+")
