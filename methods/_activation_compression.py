@@ -26,10 +26,22 @@ peft's wrappers are untouched):
 - nn.Dropout: its keep-mask as bits (lossless).
 - attention (through transformers' AttentionInterface, so every model that
   dispatches attention through `config._attn_implementation` is covered):
-  Q, K, V for the two matmuls, the softmax output, and the attention-dropout
-  mask as bits, in one fused op.
+  one op that keeps what a fused kernel (FlashAttention, memory-efficient
+  SDPA) keeps, compressed: Q, K and V, quantised per the policy. Like those
+  kernels, it recomputes the softmax in backward instead of storing the
+  length x length probabilities, and it replays the attention-dropout mask
+  from a saved seed instead of storing it. So it saves less than the
+  uncompressed model on every SDPA backend: against math attention (CPU with
+  attention dropout), which stores the probabilities and the mask, and
+  against the fused kernels, which store Q, K, V, the output and the softmax
+  statistics. Of the padding mask (SDPA's boolean one) it keeps one row per
+  sequence, shared by every layer.
 Left exact: embedding look-ups (integer ids), the pooler's tanh and the loss,
 and any module type not listed above.
+
+Nothing saved outlives its backward: the tensors go to `save_for_backward`
+alone (the layout kept on `ctx` holds shapes, not tensors), and the q/k/v
+sharing cache holds weak references only.
 """
 
 import math
@@ -49,13 +61,12 @@ class Policy:
     norm_bits: int | None  # inputs of LayerNorm
     act_bits: int | None  # elementwise activations (GELU...)
     act_store: str  # "input": quantise x, recompute f'(x) in backward; "derivative": quantise f'(x)
-    qkv_bits: int | None  # Q, K, V as operands of the attention matmuls
-    probs_bits: int | None  # attention probabilities (softmax output)
-    pack_dropout: bool  # dropout keep-masks as bits
+    qkv_bits: int | None  # Q, K, V as operands of the attention matmuls (probabilities are recomputed)
+    pack_dropout: bool  # hidden dropout keep-masks as bits
     group_size: int
 
     def __post_init__(self):
-        for key in ("linear_bits", "norm_bits", "act_bits", "qkv_bits", "probs_bits"):
+        for key in ("linear_bits", "norm_bits", "act_bits", "qkv_bits"):
             if getattr(self, key) not in (None, 4, 8):
                 raise ValueError(f"{key} must be 4, 8 or None, got {getattr(self, key)}")
         if self.act_store not in ("input", "derivative"):
@@ -127,12 +138,14 @@ class Stored:
 
 
 def save(ctx, *items: Stored | torch.Tensor | None) -> None:
-    """save_for_backward for a mix of Stored activations and plain tensors."""
+    """save_for_backward for a mix of Stored activations and plain tensors. The layout left on
+    ctx keeps shapes only: a tensor referenced from ctx would outlive backward, unseen by the meter."""
     flat, layout = [], []
     for item in items:
         if isinstance(item, Stored):
             layout.append((item, len(item.tensors)))
             flat.extend(item.tensors)
+            item.tensors = ()
         else:
             layout.append((None, 1))
             flat.append(item)
@@ -150,7 +163,8 @@ def load(ctx) -> list:
 
 
 # q, k and v read the same input: quantise it once so the three ops save one copy (the
-# meter, like memory, counts a shared storage once). Keyed by the tensor object itself.
+# meter, like memory, counts a shared storage once). Keyed by the tensor object itself, and
+# holding weak references only: the codes live exactly as long as some op's saved tensors.
 _shared: dict = {}
 
 
@@ -158,9 +172,11 @@ def quantize_shared(x: torch.Tensor, bits: int, group_size: int):
     key = (bits, group_size)
     hit = _shared.get(key)
     if hit is not None and hit[0]() is x and hit[1] == x._version:
-        return hit[2]
+        packed = tuple(ref() for ref in hit[2])
+        if all(t is not None for t in packed):
+            return packed
     packed = quantize(x, bits, group_size)
-    _shared[key] = (weakref.ref(x), x._version, packed)
+    _shared[key] = (weakref.ref(x), x._version, tuple(weakref.ref(t) for t in packed))
     return packed
 
 
@@ -260,54 +276,83 @@ def _masked_scores(q, k, mask, scaling):
     return scores + mask
 
 
+# Every layer reads the same mask object: compact it once, hold it weakly (as quantize_shared does).
+_compact_masks: dict = {}
+
+
+def compact_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """What backward needs of the attention mask, small: a padding mask is the same for every query
+    row, so one row per sequence (B x 1 x 1 x keys) stands for all of them; any other is kept whole."""
+    if mask is None or mask.dim() != 4 or mask.shape[2] == 1:
+        return mask
+    hit = _compact_masks.get("last")
+    if hit is not None and hit[0]() is mask and hit[1] == mask._version and hit[2]() is not None:
+        return hit[2]()
+    first_row = mask[:, :, :1]
+    compact = first_row.clone() if torch.equal(mask, first_row.expand_as(mask)) else mask
+    _compact_masks["last"] = (weakref.ref(mask), mask._version, weakref.ref(compact))
+    return compact
+
+
+def _dropout_keep(shape, p: float, seed: int, device) -> torch.Tensor:
+    """The attention-dropout keep-mask drawn from `seed`: the same mask in forward and in backward."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return torch.empty(shape, device=device).bernoulli_(1 - p, generator=generator).bool()
+
+
+def _probabilities(q, k, mask, scaling, p, seed):
+    """softmax(QK^T * scaling + mask) in fp32, and the same after dropout (the two are one tensor if p == 0)."""
+    probs = torch.softmax(_masked_scores(q.float(), k.float(), mask, scaling), dim=-1)
+    if p == 0:
+        return probs, probs
+    return probs, probs * _dropout_keep(probs.shape, p, seed, probs.device) / (1 - p)
+
+
 class CompressedAttention(torch.autograd.Function):
-    """softmax(QK^T * scaling + mask), dropout, @V in one op: Q, K, V and the probabilities
-    saved quantised (or exact, per the policy), the dropout mask as bits."""
+    """softmax(QK^T * scaling + mask), dropout, @V in one op. Saved: Q, K, V (quantised per the
+    policy) and the mask; the probabilities are recomputed in backward from the restored Q and K,
+    and the dropout mask is redrawn from its seed, as fused attention kernels do."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask, scaling, p, policy):
-        probs = torch.softmax(_masked_scores(q, k, mask, scaling).float(), dim=-1)
-        dropped = probs.to(v.dtype)
-        keep = None
-        if p > 0:
-            keep = torch.empty_like(probs).bernoulli_(1 - p).bool()
-            dropped = (probs * keep / (1 - p)).to(v.dtype)
-        out = torch.matmul(dropped, v)
-        ctx.scaling, ctx.p, ctx.shape = scaling, p, tuple(probs.shape)
+        # The seed comes from the global generator, so a seeded run draws the same masks.
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
+        _, dropped = _probabilities(q, k, mask, scaling, p, seed)
+        out = torch.matmul(dropped.to(v.dtype), v)
+        ctx.scaling, ctx.p, ctx.seed, ctx.dtypes = scaling, p, seed, (q.dtype, k.dtype, v.dtype)
         g = policy.group_size
         save(ctx, Stored(q, policy.qkv_bits, g), Stored(k, policy.qkv_bits, g), Stored(v, policy.qkv_bits, g),
-             Stored(probs, policy.probs_bits, g), pack_bits(keep) if keep is not None else None)
+             compact_mask(mask))
         return out
 
     @staticmethod
     def backward(ctx, g_out):
-        q, k, v, probs, packed = load(ctx)
+        q, k, v, mask = load(ctx)
+        probs, dropped = _probabilities(q, k, mask, ctx.scaling, ctx.p, ctx.seed)
         g_out = g_out.float()
-        dropped = probs
-        if packed is not None:
-            keep = unpack_bits(packed, ctx.shape).float() / (1 - ctx.p)
-            dropped = probs * keep
         grad_v = torch.matmul(dropped.transpose(-1, -2), g_out)
         grad_dropped = torch.matmul(g_out, v.float().transpose(-1, -2))
-        grad_probs = grad_dropped * keep if packed is not None else grad_dropped
+        grad_probs = grad_dropped if ctx.p == 0 else grad_dropped * (dropped != 0) / (1 - ctx.p)
         grad_scores = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True)) * ctx.scaling
         grad_q = torch.matmul(grad_scores, k.float())
         grad_k = torch.matmul(grad_scores.transpose(-1, -2), q.float())
-        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None, None
+        q_dtype, k_dtype, v_dtype = ctx.dtypes
+        return grad_q.to(q_dtype), grad_k.to(k_dtype), grad_v.to(v_dtype), None, None, None, None
 
 
 # --------------------------------------------------------------------- installing the ops
 
 def _attention_function(policy: Policy):
-    """An AttentionInterface function: fused compressed op when a graph is built, plain math otherwise."""
+    """An AttentionInterface function: the compressed op when a graph is built, SDPA otherwise."""
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         scaling = query.size(-1) ** -0.5 if scaling is None else scaling
         if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
             out = CompressedAttention.apply(query, key, value, attention_mask, scaling, dropout, policy)
         else:
-            probs = torch.softmax(_masked_scores(query, key, attention_mask, scaling).float(), -1).to(value.dtype)
-            out = torch.matmul(F.dropout(probs, dropout, training=dropout > 0), value)
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                                 scale=scaling)
         return out.transpose(1, 2).contiguous(), None
 
     return attention
@@ -316,11 +361,11 @@ def _attention_function(policy: Policy):
 def _set_attention(model: nn.Module, policy: Policy) -> bool:
     """Register the compressed attention under a name that encodes the policy and switch the model to it."""
     from transformers import AttentionInterface, PreTrainedModel
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    name = f"compressed_q{policy.qkv_bits or 32}_p{policy.probs_bits or 32}_g{policy.group_size}"
+    name = f"compressed_q{policy.qkv_bits or 32}_g{policy.group_size}"
     AttentionInterface.register(name, _attention_function(policy))
-    AttentionMaskInterface.register(name, eager_mask)  # additive float masks, as eager attention takes
+    AttentionMaskInterface.register(name, sdpa_mask)  # boolean (1 byte a pair), or None without padding
     top = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
     if top is None:
         return False
@@ -387,6 +432,6 @@ def install(model: nn.Module, policy: Policy) -> dict:
         elif policy.pack_dropout and isinstance(module, nn.Dropout) and kind.forward is nn.Dropout.forward:
             _patch(module, _dropout_forward)
             counts["dropout"] += 1
-    if (policy.qkv_bits or policy.probs_bits or policy.pack_dropout) and _set_attention(model, policy):
+    if _set_attention(model, policy):
         counts["attention"] = 1
     return counts

@@ -4,11 +4,10 @@ Pan, Chen, He, Liu, Cai & Zhuang, "Mesa: A Memory-saving Training Framework
 for Transformers", arXiv:2111.11124, 2021.
 
 What is compressed (see methods/_activation_compression.py): the inputs of
-every Linear with a trainable weight, of every LayerNorm and of the GELU, the
-attention's Q, K, V and softmax output, all at 8 bits; dropout masks
-(hidden and attention) as bits. Left exact: integer token ids saved by the
-embedding look-ups, the pooler's tanh output and the loss's inputs (a few
-hundred bytes per example).
+every Linear with a trainable weight, of every LayerNorm and of the GELU, and
+the attention's Q, K and V, all at 8 bits; hidden dropout masks as bits.
+Left exact: integer token ids saved by the embedding look-ups, the pooler's
+tanh output and the loss's inputs (a few hundred bytes per example).
 
 Trainable: nothing is added or frozen. Alone, every weight is trained (full
 fine-tuning with compressed activations); stacked after another method
@@ -25,11 +24,15 @@ Departures from the paper:
   value is clipped and the error is at most half a step. Costs 8 bytes of
   range per group (3% at the default 256).
 - Rounding is to nearest (Mesa's kernel can round stochastically).
-- The attention's two matmuls, softmax and dropout are one fused op saving
-  Q, K, V, the probabilities and the mask bits: the same content Mesa's
-  separate ops save, minus the duplicate of the dropped-out probabilities.
-- Dropout masks stored as bits are an addition (lossless); Mesa leaves them to
-  the framework.
+- Attention: Mesa stores the softmax output at 8 bits. Here the two matmuls,
+  softmax and dropout are one op that, like fused attention kernels
+  (FlashAttention, memory-efficient SDPA), recomputes the probabilities in
+  backward (from the de-quantised Q and K) and redraws the attention-dropout
+  mask from a saved seed. Storing length x length maps at any width would
+  keep more than the fused kernel of the uncompressed model keeps; this way
+  Mesa saves less than full fine-tuning on every SDPA backend.
+- Hidden dropout masks stored as bits are an addition (lossless); Mesa leaves
+  them to the framework.
 - No custom CUDA kernels: quantisation is plain PyTorch, slower than Mesa's.
 """
 
@@ -49,7 +52,7 @@ class Mesa(Method):
     def policy(self) -> Policy:
         bits = self.hparams["bits"]
         return Policy(linear_bits=bits, norm_bits=bits, act_bits=bits, act_store="input", qkv_bits=bits,
-                      probs_bits=bits, pack_dropout=True, group_size=self.hparams["group_size"])
+                      pack_dropout=True, group_size=self.hparams["group_size"])
 
     def check_hparams(self):
         check_bits(self.hparams["bits"], self.hparams["group_size"])
@@ -61,5 +64,4 @@ class Mesa(Method):
         return model
 
     def expected_trainable_params(self, model, task):
-        # Adds and freezes nothing: what is trainable now stays trainable (a fresh model: all of it).
-        return count(p for p in model.parameters() if p.requires_grad)
+        return count(model.parameters())  # adds and freezes nothing: alone, every weight trains

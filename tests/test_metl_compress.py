@@ -111,12 +111,91 @@ def test_compression_keeps_forward_exact_and_gradients_close(cls):
     assert not torch.equal(flat(exact), flat(approx)), "the backward really used de-quantised activations"
 
 
-def test_mesa_8bit_saves_at_most_30_percent_of_full_finetuning():
-    _, _, full = step(tiny_bert(TASK), BATCH)
-    _, _, mesa = step(Mesa().apply(tiny_bert(TASK), TASK), BATCH)
-    _, _, s2a = step(S2A().apply(tiny_bert(TASK), TASK), BATCH)
+def bert_with_attention_dropout(p: float, length: int):
+    """tiny_bert with the given attention dropout: p > 0 sends SDPA on CPU to math attention (which saves
+    the length x length probabilities and dropout mask), p == 0 to its fused flash kernel (which saves none)."""
+    from transformers import BertConfig, BertForSequenceClassification
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                        max_position_embeddings=length, attention_probs_dropout_prob=p, num_labels=2)
+    return BertForSequenceClassification(config)
+
+
+def sdpa_kernels(model, batch) -> set[str]:
+    """The aten attention kernels one training forward of `model` dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        ops: set = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "scaled_dot_product" in func.__name__:
+                self.ops.add(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    with Seen() as seen:
+        model.train()
+        model(**batch)
+    return seen.ops
+
+
+@pytest.mark.parametrize("length", [128, 512])
+@pytest.mark.parametrize("attention_dropout", [0.1, 0.0], ids=["math-attention", "fused-attention"])
+def test_compression_saves_less_than_full_finetuning_on_every_attention_backend(attention_dropout, length):
+    batch = toy_batch(TASK, n=4, length=length)
+    full_model = bert_with_attention_dropout(attention_dropout, length)
+    fused = "_scaled_dot_product_flash_attention_for_cpu" in sdpa_kernels(full_model, batch)
+    assert fused == (attention_dropout == 0), "the backend this case is named for is the one that ran"
+    _, _, full = step(full_model, batch)
+    _, _, mesa = step(Mesa().apply(bert_with_attention_dropout(attention_dropout, length), TASK), batch)
+    _, _, s2a = step(S2A().apply(bert_with_attention_dropout(attention_dropout, length), TASK), batch)
+    # Mesa quantises nearly everything full fine-tuning keeps to 8 of 32 bits (+ 8 bytes of range per 256 values)
     assert mesa <= 0.30 * full, f"mesa saves {mesa / full:.3f} of full fine-tuning's bytes"
     assert mesa < s2a < full, "s2a compresses only the non-parametric ops"
+
+
+def test_compressed_attention_saves_quantised_q_k_v_and_no_probabilities():
+    """Against the fused kernel on the same inputs: it keeps Q, K, V (and its output and softmax
+    statistics); the compressed op keeps Q, K, V at 8 bits and nothing of length x length."""
+    from methods._activation_compression import CompressedAttention
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 256, 16, requires_grad=True) for _ in range(3))
+    qkv_bytes = 3 * q.numel() * 4
+    fused = SavedTensorCounter(torch.nn.Identity())
+    with fused:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()
+    assert fused.last >= qkv_bytes, "the fused kernel keeps Q, K and V"
+    counter = SavedTensorCounter(torch.nn.Identity())
+    with counter:
+        CompressedAttention.apply(q, k, v, None, 0.25, 0.1, Mesa().policy()).sum().backward()
+    groups = q.numel() // 256
+    assert counter.last == 3 * (q.numel() + 8 * groups), "8-bit codes and fp32 range per group, nothing else"
+    assert counter.last < 0.27 * qkv_bytes
+
+
+def test_compressed_attention_gradients_are_exact_with_exact_storage_and_replay_its_dropout():
+    """With Q, K, V kept exact, recomputing the probabilities and redrawing the dropout mask from its
+    seed gives autograd's gradients of the same attention, mask for mask."""
+    from methods._activation_compression import CompressedAttention, Policy, _dropout_keep
+    policy = Policy(linear_bits=None, norm_bits=None, act_bits=None, act_store="input", qkv_bits=None,
+                    pack_dropout=False, group_size=64)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 20, 8, requires_grad=True) for _ in range(3))
+    mask = torch.ones(2, 1, 20, 20, dtype=torch.bool)
+    mask[0, :, :, 15:] = False
+    grad_out = torch.randn(2, 3, 20, 8)
+    torch.manual_seed(7)
+    out = CompressedAttention.apply(q, k, v, mask, 0.3, 0.25, policy)
+    ours = torch.autograd.grad(out, (q, k, v), grad_out)
+    torch.manual_seed(7)
+    seed = int(torch.randint(0, 2**62, (1,)).item())  # what the op drew
+    scores = (q @ k.transpose(-1, -2) * 0.3).masked_fill(~mask, float("-inf"))
+    keep = _dropout_keep((2, 3, 20, 20), 0.25, seed, q.device)
+    assert 0.6 < keep.float().mean() < 0.9
+    reference = (torch.softmax(scores, -1) * keep / 0.75) @ v
+    assert torch.allclose(out, reference, atol=1e-6)
+    for mine, theirs in zip(ours, torch.autograd.grad(reference, (q, k, v), grad_out)):
+        assert torch.allclose(mine, theirs, atol=1e-5)
 
 
 def test_linear_layers_reading_one_input_save_one_quantised_copy():
@@ -291,6 +370,35 @@ def test_velora_saves_less_than_lora():
     _, grads, velora_bytes = step(model, BATCH)
     assert velora_bytes < lora_bytes
     assert any("lora_A" in name for name in grads)
+
+
+def test_velora_down_projection_gradient_is_the_rank_one_reconstructions():
+    """A's weight gradient is g^T x_hat, where x_hat rebuilds each input token from its sub-tokens'
+    coefficients on one unit vector v (the normalised mean sub-token of the first batch), computed
+    here from the paper's description, not from peft's code."""
+    groups = 8
+    model = VeLoRA(num_groups=groups, dropout=0.0).apply(tiny_bert(TASK), TASK)
+    layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
+    torch.nn.init.normal_(layer.lora_B["default"].weight)  # B starts at zero, which would give A no gradient
+    seen = {}
+    layer.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0].detach()))
+    def grad_of_a_output(module, args):
+        args[0].register_hook(lambda g: seen.__setitem__("g", g.detach()))
+
+    layer.lora_B["default"].register_forward_pre_hook(grad_of_a_output)
+    model.train()
+    model(**BATCH).loss.backward()
+    x = seen["x"].reshape(-1, seen["x"].shape[-1])  # tokens x 64
+    g = seen["g"].reshape(-1, seen["g"].shape[-1])  # tokens x r
+    sub = x.reshape(len(x), groups, -1)  # 8 sub-tokens of 8 values per token
+    v = sub.reshape(-1, sub.shape[-1]).mean(0)
+    v = v / v.norm()
+    x_hat = ((sub @ v)[..., None] * v).reshape(len(x), -1)  # coefficient times v, scale 1
+    expected = g.t() @ x_hat
+    actual = layer.lora_A["default"].weight.grad
+    relative = lambda a, b: float((a - b).norm() / b.norm())
+    assert relative(actual, expected) < 1e-4
+    assert relative(actual, g.t() @ x) > 0.1, "not the exact gradient: the input was compressed"
 
 
 # ------------------------------------------------------------------ the comparison suite
