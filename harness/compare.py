@@ -173,6 +173,10 @@ def _judge_figure(result: Comparison, name: str, figure: str, base: dict, cur: d
         if group == "time" and base.get("device") != cur.get("device"):
             result.note(f"time not compared: the devices differ ({base.get('device')} vs {cur.get('device')})", name)
             return None
+        backends = base.get("attention_backend"), cur.get("attention_backend")
+        if group == "memory" and None not in backends and backends[0] != backends[1]:
+            result.note(f"memory not compared: the attention backends differ ({backends[0]} vs {backends[1]})", name)
+            return None
         higher_is_better = False
         if b:
             change = (c - b) / abs(b) * 100  # percent of the baseline

@@ -1,15 +1,18 @@
 """Memory and throughput figures for one cell, each one labelled with what it is.
 
 Exact on any device:
-- activation_bytes: bytes of tensors saved for backward during one forward
-  (micro-)batch, counted with `torch.autograd.graph.saved_tensors_hooks`,
-  storages de-duplicated and parameters/buffers left out; the maximum over the
-  counted steps. What autograd saves is a function of the batch's shapes for
-  every method here, so by default each distinct shape is counted once
-  (`count_activations: per_shape`): the maximum is the same as counting every
-  step, and the per-tensor Python hook stays off most steps of a long run.
-  A method whose saved bytes depend on the values (data-dependent sparsity)
-  needs `every_step`. Deterministic on CPU, so gates can rest on it.
+- activation_bytes: bytes of the tensors saved for backward by one forward
+  (micro-)batch that are still held when its backward starts, counted with
+  `torch.autograd.graph.saved_tensors_hooks`, storages de-duplicated and
+  parameters/buffers left out; the maximum over the counted steps. (A tensor
+  saved by a side computation whose graph the forward drops again is freed
+  before backward and is not counted.) By default each distinct batch shape is
+  counted once (`count_activations: per_shape`), which for a method whose
+  saved bytes follow the shapes is the same maximum as counting every step,
+  with the per-tensor Python hook off most steps of a long run. A method that
+  declares `activations_depend_on_values` (its saved bytes follow the padding
+  or sampled values) is counted every step, whatever the setting.
+  Deterministic on CPU, so gates can rest on it.
 - frozen/trainable parameter bytes, buffer bytes, gradient bytes (after the
   first backward) and optimizer-state bytes (after the first optimizer step).
 - modelled_peak_bytes: their sum, a model of the training peak that leaves out
@@ -24,6 +27,16 @@ Device-reported:
 Throughput: samples/s and non-padding tokens/s over the timed steps (the first
 `timing_warmup_steps` left out, CUDA synchronised around each), and step-time
 median and p90.
+What ran, so that figures are compared only with figures measured the same way:
+- attention_implementation: the model's `config._attn_implementation` (sdpa,
+  eager, or one a method registered).
+- attention_backend: the attention kernel found in the first step's autograd
+  graph (what saved the attention's tensors): flash, flash_cpu, efficient or
+  cudnn for SDPA's fused kernels, math when SDPA fell back to its unfused path
+  (on CPU: attention dropout), the name of a method's own op, or none when no
+  attention is back-propagated through.
+- count_activations: per_shape or every_step, as used (a method whose saved
+  bytes follow the values, not only the shapes, is counted every step).
 """
 
 import contextlib
@@ -31,6 +44,7 @@ import os
 import resource
 import threading
 import time
+import weakref
 
 import numpy as np
 import torch
@@ -66,37 +80,85 @@ def _fast_key(t: torch.Tensor):
         return t.is_cuda, id(t)
 
 
+def attention_implementation(model: torch.nn.Module) -> str | None:
+    """The attention implementation the (first) transformers model inside `model` dispatches to."""
+    from transformers import PreTrainedModel
+    top = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    return getattr(top.config, "_attn_implementation", None) if top is not None else None
+
+
+# Backward nodes of SDPA's fused kernels -> the backend's name in records.
+_FUSED_NODES = {"ScaledDotProductFlashAttentionForCpuBackward": "flash_cpu", "ScaledDotProductFlashAttentionBackward": "flash",
+                "ScaledDotProductEfficientAttentionBackward": "efficient", "ScaledDotProductCudnnAttentionBackward": "cudnn"}
+
+
+def attention_backend(loss: torch.Tensor, implementation: str | None) -> str:
+    """Which attention kernel saved tensors in the graph behind `loss` (see the module docstring)."""
+    seen, stack, found = set(), [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        name = type(node).__name__.rstrip("0123456789").removesuffix("Backward") + "Backward"
+        if name in _FUSED_NODES:
+            found.add(_FUSED_NODES[name])
+        elif "Attention" in name:  # a method's own autograd op
+            found.add(name.removesuffix("Backward"))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    if found:
+        return "+".join(sorted(found))
+    if not seen or implementation is None:
+        return "none"
+    return "math" if implementation == "sdpa" else implementation
+
+
 class SavedTensorCounter:
-    """Counts the distinct storages autograd saves for backward while active.
+    """Counts the distinct storages autograd saves for backward while active, as held when backward starts.
 
     Parameters and buffers of `model` are left out: they exist whether or not a
     graph is built. Use one `with counter:` per forward+backward; `.last` is the
-    count of the latest, `.peak` the maximum so far.
+    count of the latest, `.peak` the maximum so far. Each saved tensor is held by
+    a weak reference, so counting extends no tensor's life; the first unpack (the
+    start of backward) sums the storages still alive.
     """
 
     def __init__(self, model: torch.nn.Module):
         self.exclude = {_fast_key(t) for t in (*model.parameters(), *model.buffers())}
         self.peak = 0
         self.last = 0
-        self._seen: dict = {}
+        self._seen: dict = {}  # storage key -> (bytes, weak references to the tensors saved on it)
+        self._at_backward = None
 
     def _pack(self, t):
         key = _fast_key(t)
-        if key not in self._seen and key not in self.exclude:
-            self._seen[key] = storage_bytes(t)  # a size, not the tensor: holding it would extend its life
+        if key not in self.exclude:
+            entry = self._seen.get(key)
+            if entry is None or not any(ref() is not None for ref in entry[1]):  # new, or memory reused
+                self._seen[key] = (storage_bytes(t), [weakref.ref(t)])
+            else:
+                entry[1].append(weakref.ref(t))
         return t
 
+    def _unpack(self, t):
+        if self._at_backward is None:
+            self._at_backward = self._alive_bytes()
+        return t
+
+    def _alive_bytes(self) -> int:
+        return sum(size for size, refs in self._seen.values() if any(ref() is not None for ref in refs))
+
     def __enter__(self):
-        self._seen = {}
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._seen, self._at_backward = {}, None
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc):
         self._hooks.__exit__(*exc)
-        self.last = sum(self._seen.values())
+        self.last = self._at_backward if self._at_backward is not None else self._alive_bytes()
         self.peak = max(self.peak, self.last)
-        self._seen = {}
+        self._seen, self._at_backward = {}, None
 
 
 class NvmlSampler:
@@ -170,13 +232,14 @@ class Meter:
                  nvml_interval_s: float = 0.02, enabled: bool = True, count_activations: str = "per_shape"):
         self.model, self.device, self.enabled = model, device, enabled
         self.count_every_step = count_activations == "every_step"
+        self.figures: dict = {"count_activations": count_activations,
+                              "attention_implementation": attention_implementation(model)}
         self._counted_shapes: set = set()
         self.cuda = device.type == "cuda"
         self.timing_warmup_steps = timing_warmup_steps
         self.nvml_interval_s = nvml_interval_s
         self.saved = SavedTensorCounter(model)
         self.steps: list[tuple[float, int, int]] = []  # (seconds, samples, non-padding tokens)
-        self.figures: dict = {}
         self.notes: list[str] = []
         self._record_params()
 
@@ -239,6 +302,11 @@ class Meter:
             return contextlib.nullcontext()
         self._counted_shapes.add(shape)
         return self.saved
+
+    def read_graph(self, loss: torch.Tensor):
+        """Call with the first step's loss, before backward: names the attention kernel that ran."""
+        if "attention_backend" not in self.figures:
+            self.figures["attention_backend"] = attention_backend(loss, self.figures["attention_implementation"])
 
     def record_states(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         """Call once after the first optimizer step, before gradients are cleared."""

@@ -11,6 +11,8 @@ The contract, checked for every registered method by tests/test_contract.py:
   `requires_grad=True` are what gets trained and counted.
 - `expected_trainable_params(model, task)` says, from the model's shapes alone
   and before `apply`, how many parameters the method trains.
+- `activations_depend_on_values` is True if two batches of the same shape can
+  make the method save different bytes for backward.
 """
 
 import difflib
@@ -37,6 +39,9 @@ class Method:
     trains: ClassVar[str] = ""  # what is trained, in words, for the README table
     defaults: ClassVar[dict[str, Any]] = {}  # every hyperparameter, with the paper's default
     default_lr: ClassVar[float] = 1e-3  # used when a suite entry gives no lr
+    # True when what autograd saves can differ between two batches of one shape (it follows the
+    # padding mask or sampled values): the meter then counts every step, not each shape once.
+    activations_depend_on_values: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -64,6 +64,8 @@ def train(model, param_groups, loader, settings: TrainSettings, device, meter: M
                     with meter.saved_tensors(micro):
                         with autocast(device, settings.precision):
                             loss = model(**micro).loss * share
+                        if not losses:
+                            meter.read_graph(loss)
                         if not torch.isfinite(loss):
                             raise Diverged(f"loss is {loss.item()} at step {len(losses)}")
                         scaler.scale(loss).backward()

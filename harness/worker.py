@@ -42,7 +42,8 @@ def seed_everything(seed: int) -> None:
 
 
 def build(cell: dict, task: TaskSpec):
-    """Backbone with head, every method of the entry applied in order; (model, declared, optimizer groups)."""
+    """Backbone with head, every method of the entry applied in order; (model, declared, optimizer groups,
+    whether the saved bytes can follow the values and not only the shapes)."""
     model = backbone.load_model(cell["backbone"], task, cell["trust_remote_code"], cell.get("pooling", "auto"))
     settings = TrainSettings(**cell["train"])
     if settings.gradient_checkpointing:
@@ -53,7 +54,8 @@ def build(cell: dict, task: TaskSpec):
         model = method.apply(model, task)
     groups = methods[-1].param_groups(model, cell["lr"]) if len(methods) == 1 else \
         [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cell["lr"]}]
-    return model, declared, groups
+    value_dependent = any(m.activations_depend_on_values for m in methods)
+    return model, declared, groups, value_dependent
 
 
 def describe_methods(cell: dict) -> list[dict]:
@@ -78,7 +80,7 @@ def run_cell(cell: dict, data_dir: Path | None, device_name: str = "auto", progr
         record["method_info"] = describe_methods(cell)
         seed_everything(cell["seed"])
         tokenizer = backbone.load_tokenizer(cell["backbone"], cell["trust_remote_code"])
-        model, declared, groups = build(cell, task)
+        model, declared, groups, value_dependent = build(cell, task)
         model.to(device)
         record["params"] = {"trainable": count(p for p in model.parameters() if p.requires_grad),
                             "total": count(model.parameters()), "declared_trainable": declared}
@@ -95,8 +97,9 @@ def run_cell(cell: dict, data_dir: Path | None, device_name: str = "auto", progr
             collate_fn=collate)
         record["measurements"]["setup_seconds"] = time.time() - started
 
-        meter = Meter(model, device, settings.timing_warmup_steps, settings.nvml_interval_s,
-                      count_activations=settings.count_activations)
+        # per_shape counting is exact only where the shapes decide what is saved
+        counting = "every_step" if value_dependent else settings.count_activations
+        meter = Meter(model, device, settings.timing_warmup_steps, settings.nvml_interval_s, count_activations=counting)
         with meter.phase("train"):
             losses = train(model, groups, train_loader, settings, device, meter, progress)
         record["train"] = {"steps": len(losses), "first_loss": losses[0], "final_loss": losses[-1], "losses": losses,

@@ -86,6 +86,7 @@ class PASTA(Method):
             pasta.locate(mask, kwargs.get("token_type_ids"))
 
         base.register_forward_pre_hook(find_special, with_kwargs=True)
+        base.register_forward_hook(_forget_slots)
         for i, layer in enumerate(layers):
             layer.register_forward_pre_hook(lambda module, args, i=i: (pasta.add(i, args[0]), *args[1:]))
         for p in head_parameters(model).values():
@@ -95,6 +96,12 @@ class PASTA(Method):
     def expected_trainable_params(self, model, task):
         vectors = len(encoder_layers(model, self.name)) * special_tokens(task) * model.config.hidden_size
         return vectors + count(head_parameters(model).values())
+
+
+def _forget_slots(backbone, args, output):
+    # The slot index is saved for backward by every layer's look-up; dropped here, it lives no longer
+    # than that backward instead of through the next step.
+    backbone.pasta.slots = None
 
 
 def special_tokens(task) -> int:

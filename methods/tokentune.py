@@ -168,6 +168,7 @@ class TokenTune(Method):
     trains = "whatever is trainable when applied (alone: all weights), through the selected tokens"
     default_lr = 5e-5  # alone it is full fine-tuning
     defaults = {"fraction": 0.3}
+    activations_depend_on_values = True  # the selected block's size follows each row's count of real tokens
 
     def check_hparams(self):
         if not 0 < self.hparams["fraction"] <= 1:
@@ -184,4 +185,4 @@ class TokenTune(Method):
         return model
 
     def expected_trainable_params(self, model, task):
-        return count(p for p in model.parameters() if p.requires_grad)
+        return count(model.parameters())  # adds and freezes nothing: alone, every weight trains

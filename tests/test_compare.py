@@ -91,6 +91,18 @@ def test_package_versions_that_differ_are_named_in_one_line(sides, main):
     assert "peft" in lines[0] and "0.0.1" in lines[0] and "torch" not in lines[0]
 
 
+def test_memory_is_compared_only_between_cells_of_the_same_attention_backend(sides):
+    base, cur = sides
+    edit(base, LORA, lambda r: r["measurements"].update(attention_backend="math"))
+    edit(cur, LORA, lambda r: r["measurements"].update(attention_backend="flash_cpu",
+                                                       activation_bytes=r["measurements"]["activation_bytes"] // 3))
+    result = judge(base, cur)
+    assert result.cells[LORA] == "unchanged" and not result.failed
+    assert any("attention backends differ (math vs flash_cpu)" in note for note in result.notes)
+    edit(base, LORA, lambda r: r["measurements"].update(attention_backend="flash_cpu"))
+    assert judge(base, cur).cells[LORA] == "improved", "the same backend: compared"
+
+
 def test_activation_bytes_ten_percent_above_baseline_fails_naming_the_cell(sides):
     base, cur = sides
     edit(cur, LORA, lambda r: r["measurements"].update(activation_bytes=int(r["measurements"]["activation_bytes"] * 1.10)))

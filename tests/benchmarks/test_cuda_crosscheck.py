@@ -32,7 +32,7 @@ BARE_LOOP = textwrap.dedent("""
     device = torch.device("cuda")
     worker.seed_everything(cell.seed)
     tokenizer = backbone.load_tokenizer(None)
-    model, _, groups = worker.build(spec, task)
+    model, _, groups, _ = worker.build(spec, task)
     model.to(device)
     frame = data.subset(data.load_split(task, "train", data.resolve_data_dir(None)), settings.max_train_samples)
     loader = torch.utils.data.DataLoader(data.Encoded(task, frame, tokenizer, settings.max_seq_length),
