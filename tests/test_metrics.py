@@ -1,54 +1,149 @@
-"""The offline metrics agree with scikit-learn / scipy and with hand-worked values."""
+"""The offline metrics against values worked out by hand, never against the library calls they wrap.
 
-import math
+Each expected value below is counted or computed in the comments from the small arrays beside it
+(confusion counts, deviations from the mean, ranks written down), or, for the larger random
+arrays, from the metric's formula written out with numpy.
+"""
+
+import warnings
 
 import numpy as np
 import pytest
-from scipy import stats
-from sklearn import metrics as skm
 
 from harness.metrics import METRICS
 from harness.tasks import BUILTIN_TASKS
 
-PRED = np.array([1, 0, 1, 1, 0, 1, 0, 0])
-REF = np.array([1, 0, 0, 1, 0, 1, 1, 0])
+#                  0  1  2  3  4  5  6  7
+PRED = np.array([1, 1, 1, 0, 0, 1, 0, 0])
+REF = np.array([1, 0, 1, 1, 0, 0, 0, 0])
+# class 1 positive: tp = idx 0, 2 -> 2; fp = idx 1, 5 -> 2; fn = idx 3 -> 1; tn = idx 4, 6, 7 -> 3
+TP, FP, FN, TN = 2, 2, 1, 3
 
 
 def test_accuracy_by_hand():
-    assert METRICS["accuracy"](PRED, REF) == 6 / 8
+    assert METRICS["accuracy"](PRED, REF) == (TP + TN) / 8 == 5 / 8
 
 
-def test_binary_f1_by_hand():
-    # tp=3 (idx 0,3,5), fp=1 (idx 2), fn=1 (idx 6): precision 3/4, recall 3/4
-    assert METRICS["f1"](PRED, REF) == pytest.approx(0.75)
+def test_binary_f1_by_hand_is_of_the_positive_class():
+    # precision 2/4, recall 2/3: F1 = 2 * tp / (2 * tp + fp + fn) = 4 / 7
+    assert METRICS["f1"](PRED, REF) == pytest.approx(4 / 7)
+    # with class 0 as positive it would be: tp 3, fp 1 (idx 3), fn 2 (idx 1, 5) -> 6 / 9; it is not
+    assert METRICS["f1"](PRED, REF) != pytest.approx(6 / 9)
+    # swapping which class is 1 swaps the answer
+    assert METRICS["f1"](1 - PRED, 1 - REF) == pytest.approx(6 / 9)
 
 
-def test_matthews_by_hand():
-    tp, tn, fp, fn = 3, 3, 1, 1
-    expected = (tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    assert METRICS["matthews_correlation"](PRED, REF) == pytest.approx(expected)
-    assert METRICS["matthews_correlation"](PRED, REF) == pytest.approx(skm.matthews_corrcoef(REF, PRED))
+def test_macro_f1_by_hand_binary():
+    assert METRICS["macro_f1"](PRED, REF) == pytest.approx((4 / 7 + 6 / 9) / 2)
 
 
-def test_correlations_match_scipy():
+# Three classes, 9 examples; the confusion matrix (rows: reference, columns: prediction):
+#            pred 0  pred 1  pred 2
+#   ref 0       2       1       0      (idx 0, 2 right; idx 1 -> 1)
+#   ref 1       0       1       1      (idx 3 right; idx 4 -> 2)
+#   ref 2       1       0       3      (idx 5, 6, 8 right; idx 7 -> 0)
+REF3 = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
+PRED3 = np.array([0, 1, 0, 1, 2, 2, 2, 0, 2])
+
+
+def test_three_class_accuracy_and_macro_f1_by_hand():
+    assert METRICS["accuracy"](PRED3, REF3) == pytest.approx(6 / 9)
+    # class 0: tp 2, fp 1, fn 1 -> 4/6; class 1: tp 1, fp 1, fn 1 -> 2/4; class 2: tp 3, fp 1, fn 1 -> 6/8
+    assert METRICS["macro_f1"](PRED3, REF3) == pytest.approx((4 / 6 + 2 / 4 + 6 / 8) / 3)  # 23/36
+
+
+def test_matthews_binary_from_the_confusion_counts():
+    # (tp*tn - fp*fn) / sqrt((tp+fp)(tp+fn)(tn+fp)(tn+fn)) = (6 - 2) / sqrt(4 * 3 * 5 * 4) = 4 / sqrt(240)
+    assert METRICS["matthews_correlation"](PRED, REF) == pytest.approx(4 / 240 ** 0.5)
+
+
+def test_matthews_three_classes_from_the_confusion_matrix():
+    # Gorodkin's R_K: (c*s - sum_k p_k t_k) / sqrt((s^2 - sum_k p_k^2)(s^2 - sum_k t_k^2)), with
+    # c = 6 right of s = 9, true counts t = (3, 2, 4) (row sums), predicted counts p = (3, 2, 4) (column sums):
+    # (54 - 29) / sqrt((81 - 29) * (81 - 29)) = 25 / 52
+    assert METRICS["matthews_correlation"](PRED3, REF3) == pytest.approx(25 / 52)
+
+
+def test_perfect_and_inverted_classification():
+    assert METRICS["matthews_correlation"](REF, REF) == pytest.approx(1.0)
+    assert METRICS["matthews_correlation"](1 - REF, REF) == pytest.approx(-1.0)
+    assert METRICS["f1"](REF, REF) == pytest.approx(1.0) and METRICS["accuracy"](REF, REF) == 1.0
+    assert METRICS["accuracy"](1 - REF, REF) == 0.0 and METRICS["f1"](1 - REF, REF) == 0.0
+
+
+def test_pearson_and_spearman_by_hand():
+    ref = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    pred = np.array([2.0, 1.0, 4.0, 3.0, 5.0])
+    # deviations from the mean 3: ref (-2, -1, 0, 1, 2), pred (-1, -2, 1, 0, 2);
+    # sum of products 2 + 2 + 0 + 0 + 4 = 8; sums of squares 10 and 10 -> r = 8 / 10
+    assert METRICS["pearson"](pred, ref) == pytest.approx(0.8)
+    # pred's ranks are (2, 1, 4, 3, 5), ref's (1..5): the same numbers, so Spearman is 0.8 too
+    assert METRICS["spearman"](pred, ref) == pytest.approx(0.8)
+    # the same ranks from values far from linear: Spearman stays 0.8, Pearson does not
+    skewed = np.array([2.0, 1.0, 40.0, 3.0, 500.0])
+    assert METRICS["spearman"](skewed, ref) == pytest.approx(0.8)
+    assert METRICS["pearson"](skewed, ref) != pytest.approx(0.8)
+
+
+def test_spearman_with_ties_uses_average_ranks():
+    ref = np.array([10.0, 20.0, 30.0, 40.0, 50.0])
+    pred = np.array([7.0, 7.0, 8.0, 9.0, 10.0])
+    # pred's ranks: the tie shares (1 + 2) / 2 -> (1.5, 1.5, 3, 4, 5); ref's (1, 2, 3, 4, 5)
+    # deviations: (-1.5, -1.5, 0, 1, 2) and (-2, -1, 0, 1, 2); products 3 + 1.5 + 0 + 1 + 4 = 9.5;
+    # squares 9.5 and 10 -> 9.5 / sqrt(95)
+    assert METRICS["spearman"](pred, ref) == pytest.approx(9.5 / 95 ** 0.5)
+
+
+def test_pearson_from_its_formula_on_random_data():
     rng = np.random.default_rng(0)
     ref = rng.uniform(0, 5, 200)
-    pred = ref + rng.normal(0, 1, 200)
-    assert METRICS["pearson"](pred, ref) == pytest.approx(stats.pearsonr(pred, ref)[0])
-    assert METRICS["spearman"](pred, ref) == pytest.approx(stats.spearmanr(pred, ref)[0])
-    assert METRICS["mse"](pred, ref) == pytest.approx(np.mean((pred - ref) ** 2))
+    pred = 0.5 * ref + rng.normal(0, 1, 200)
+    dp, dr = pred - pred.mean(), ref - ref.mean()
+    expected = (dp * dr).sum() / np.sqrt((dp ** 2).sum() * (dr ** 2).sum())
+    assert METRICS["pearson"](pred, ref) == pytest.approx(expected)
+    assert 0.3 < expected < 0.95  # a real, partial correlation: neither degenerate nor perfect
 
 
-def test_constant_predictions_give_zero_correlation_not_nan():
+def test_correlation_does_not_depend_on_scale_or_shift():
+    ref = np.array([0.0, 1.0, 2.0, 3.0, 4.0])
+    pred = np.array([0.5, 0.7, 2.5, 2.0, 4.4])
+    assert METRICS["pearson"](3 * pred + 7, ref) == pytest.approx(METRICS["pearson"](pred, ref))
+    assert METRICS["pearson"](-pred, ref) == pytest.approx(-METRICS["pearson"](pred, ref))
+    assert METRICS["pearson"](ref * 2 - 1, ref) == pytest.approx(1.0)
+
+
+def test_mse_by_hand():
+    # errors 0, 2, 3 -> squares 0, 4, 9 -> mean 13 / 3
+    assert METRICS["mse"]([1.0, 2.0, 3.0], [1.0, 4.0, 0.0]) == pytest.approx(13 / 3)
+    assert METRICS["mse"]([1.5, 1.5], [1.5, 1.5]) == 0.0
+
+
+def test_constant_predictions():
+    """A model that predicts one value: the correlations are 0.0 (the harness's convention), not NaN."""
     ref = np.array([0.0, 1.0, 2.0])
     assert METRICS["pearson"](np.ones(3), ref) == 0.0
-    assert METRICS["matthews_correlation"](np.ones(3, dtype=int), np.array([0, 1, 1])) == 0.0
+    assert METRICS["spearman"](np.ones(3), ref) == 0.0
+    assert METRICS["pearson"](ref, np.ones(3)) == 0.0  # constant references too
+    assert METRICS["mse"](np.ones(3), ref) == pytest.approx((1 + 0 + 1) / 3)
+    labels = np.array([0, 1, 1, 1])
+    assert METRICS["matthews_correlation"](np.ones(4, dtype=int), labels) == 0.0
+    assert METRICS["accuracy"](np.ones(4, dtype=int), labels) == 3 / 4  # the majority class's share
+    # all positive: tp 3, fp 1, fn 0 -> 6 / 7
+    assert METRICS["f1"](np.ones(4, dtype=int), labels) == pytest.approx(6 / 7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn warns that precision is undefined; the value is what counts
+        # all negative: no true positive, so F1 of the positive class is 0
+        assert METRICS["f1"](np.zeros(4, dtype=int), labels) == 0.0
+    for name in METRICS:
+        value = METRICS[name](np.ones(4), np.array([0.0, 1.0, 1.0, 1.0]))
+        assert np.isfinite(value), name
 
 
-def test_macro_f1_matches_sklearn_on_three_classes():
-    rng = np.random.default_rng(1)
-    ref, pred = rng.integers(0, 3, 50), rng.integers(0, 3, 50)
-    assert METRICS["macro_f1"](pred, ref) == pytest.approx(skm.f1_score(ref, pred, average="macro"))
+def test_values_are_plain_floats():
+    for name in ("accuracy", "f1", "macro_f1", "matthews_correlation"):
+        assert type(METRICS[name](PRED.tolist(), REF.tolist())) is float, name
+    for name in ("pearson", "spearman", "mse"):
+        assert type(METRICS[name]([1.0, 2.0, 4.0], [1.0, 3.0, 2.0])) is float, name
 
 
 def test_glue_tasks_use_official_metrics():
@@ -57,4 +152,6 @@ def test_glue_tasks_use_official_metrics():
     assert {name: task.primary_metric for name, task in BUILTIN_TASKS.items()} == official
     assert set(BUILTIN_TASKS["stsb"].metrics) == {"pearson", "spearman"}
     assert set(BUILTIN_TASKS["mrpc"].metrics) == {"f1", "accuracy"}
-    assert not METRICS["mse"].higher_is_better and METRICS["accuracy"].higher_is_better
+    higher = {name: m.higher_is_better for name, m in METRICS.items()}
+    assert higher == {"accuracy": True, "f1": True, "macro_f1": True, "matthews_correlation": True,
+                      "pearson": True, "spearman": True, "mse": False}
