@@ -2,6 +2,10 @@
 
 import json
 
+import numpy as np
+import pandas as pd
+import pytest
+
 from harness import results
 from harness.cli import main
 
@@ -81,7 +85,46 @@ def test_a_memory_only_cell_has_figures_but_no_metric(tiny_suite, tmp_path, data
     assert record["measurements"]["modelled_peak_bytes"] > 0 and "eval_seconds" not in record["measurements"]
     frame = results.load(out).set_index("method")
     assert frame.loc["linear_probe", "status"] == "ok" and frame.isna().loc["linear_probe", "metric"]
-    assert frame.loc["full", "metric"] >= 0
+    # the full cell was evaluated on max_eval_samples=32 examples: its accuracy is some k/32 with 0 <= k <= 32
+    # (a NaN, a score over another number of examples, or one outside [0, 1] fails)
+    correct = frame.loc["full", "metric"] * 32
+    assert frame.loc["full", "metric_name"] == "accuracy" and 0 <= correct <= 32 and correct == pytest.approx(round(correct))
     assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
     assert "linear\\_probe | baseline | ok | —" in (tmp_path / "report" / "report.md").read_text(), "no score, not a failure"
     assert main(["compare", str(out), str(out)]) == 0
+
+
+def test_recorded_metrics_are_those_of_the_predictions(tiny_suite, data_dir, monkeypatch):
+    """In this process, with the evaluation's output kept: the references are the validation file's labels in
+    order, and each recorded metric is what its definition gives on those predictions, computed here by hand."""
+    from harness import worker
+    from harness.config import load_suite
+    body = BODY.replace("{method: full, lr: 1.0e-3}\n  - ", "").replace(" max_eval_samples: 32,", "")
+    cells = load_suite(tiny_suite(body)).cells()
+    outputs = []
+    real_predict = worker.predict
+
+    def keep(*args, **kwargs):
+        outputs.append(real_predict(*args, **kwargs))
+        return outputs[-1]
+    monkeypatch.setattr(worker, "predict", keep)
+    records = {cell.task.name: worker.run_cell(cell.to_dict(), data_dir, "cpu", progress=False) for cell in cells}
+    assert [r["status"] for r in records.values()] == ["ok", "ok"], [r.get("error") for r in records.values()]
+    (sst2_pred, sst2_ref, n), (stsb_pred, stsb_ref, _) = outputs
+
+    labels = pd.read_parquet(data_dir / "glue" / "sst2" / "validation.parquet")["label"].to_numpy()
+    assert n == len(labels) and np.array_equal(sst2_ref, labels)
+    assert set(np.unique(sst2_pred)) <= {0, 1}
+    assert records["sst2"]["metrics"]["accuracy"]["value"] == pytest.approx(np.mean(sst2_pred == labels))
+
+    scores = pd.read_parquet(data_dir / "glue" / "stsb" / "validation.parquet")["label"].to_numpy()
+    assert np.allclose(stsb_ref, scores)
+
+    def pearson(x, y):
+        dx, dy = x - x.mean(), y - y.mean()
+        return (dx * dy).sum() / np.sqrt((dx ** 2).sum() * (dy ** 2).sum())
+    metrics = records["stsb"]["metrics"]
+    assert np.std(stsb_pred) > 0, "a constant prediction would make both correlations 0 and prove nothing"
+    assert metrics["pearson"]["value"] == pytest.approx(pearson(stsb_pred.astype(float), scores.astype(float)), abs=1e-6)
+    ranks = lambda v: pd.Series(v).rank(method="average").to_numpy()
+    assert metrics["spearman"]["value"] == pytest.approx(pearson(ranks(stsb_pred), ranks(scores)), abs=1e-6)
