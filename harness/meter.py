@@ -94,7 +94,7 @@ _FUSED_NODES = {"ScaledDotProductFlashAttentionForCpuBackward": "flash_cpu", "Sc
 
 def attention_backend(loss: torch.Tensor, implementation: str | None) -> str:
     """Which attention kernel saved tensors in the graph behind `loss` (see the module docstring)."""
-    seen, stack, found = set(), [loss.grad_fn], set()
+    seen, stack, found, softmax = set(), [loss.grad_fn], set(), False
     while stack:
         node = stack.pop()
         if node is None or node in seen:
@@ -105,10 +105,11 @@ def attention_backend(loss: torch.Tensor, implementation: str | None) -> str:
             found.add(_FUSED_NODES[name])
         elif "Attention" in name:  # a method's own autograd op
             found.add(name.removesuffix("Backward"))
+        softmax = softmax or name in ("SoftmaxBackward", "SafeSoftmaxBackward")  # unfused attention's softmax
         stack.extend(next_node for next_node, _ in node.next_functions)
     if found:
         return "+".join(sorted(found))
-    if not seen or implementation is None:
+    if not softmax or implementation is None:
         return "none"
     return "math" if implementation == "sdpa" else implementation
 

@@ -99,3 +99,63 @@ def test_counts_are_identical_across_runs_with_the_same_seed():
     _, b = train_tiny(3)
     keys = ["activation_bytes", "grad_bytes", "optimizer_bytes", "modelled_peak_bytes"]
     assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+
+
+def test_a_side_graph_dropped_during_the_forward_is_not_counted():
+    """Saved tensors whose graph the forward discards are freed before backward: not held, not counted."""
+    model, x = mlp(), torch.randn(5, 4)
+    with SavedTensorCounter(model) as counter:
+        side = model[0](x * 2)  # builds a graph (Linear 1 saves x * 2), then drops it
+        side.detach_()
+        del side
+        model(x).pow(2).sum().backward()
+    assert counter.last == (5 * 4 + 5 * 8 + 5 * 3) * F32
+
+
+def run_meter_on(model, batch):
+    meter = Meter(model, torch.device("cpu"), timing_warmup_steps=0)
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": 1e-3}]
+    with meter.phase("train"):
+        train(model, groups, [batch], TrainSettings(max_steps=1), torch.device("cpu"), meter, progress=False)
+    return meter.summary()
+
+
+def test_records_which_attention_ran():
+    from harness.method import registry
+    task = toy_task()
+    batch = toy_batch(task)
+    math = tiny_bert(task)  # attention dropout 0.1: SDPA on CPU takes its unfused math path
+    assert run_meter_on(math, batch)["attention_backend"] == "math"
+    fused = tiny_bert(task)
+    fused.config.attention_probs_dropout_prob = 0.0
+    for layer in fused.bert.encoder.layer:
+        layer.attention.self.dropout.p = 0.0
+    figures = run_meter_on(fused, batch)
+    assert (figures["attention_implementation"], figures["attention_backend"]) == ("sdpa", "flash_cpu")
+    mesa = registry()["mesa"]().apply(tiny_bert(task), task)
+    figures = run_meter_on(mesa, batch)
+    assert figures["attention_implementation"].startswith("compressed_")
+    assert figures["attention_backend"] == "CompressedAttention"
+    probe = registry()["linear_probe"]().apply(tiny_bert(task), task)
+    assert run_meter_on(probe, batch)["attention_backend"] == "none", "no attention is back-propagated through"
+
+
+def test_a_method_whose_saved_bytes_follow_the_values_is_counted_every_step(tiny_suite, tmp_path, data_dir):
+    """At fixed padding every batch has one shape, yet TokenTune's selected block follows each batch's
+    real-token counts: per-shape counting would keep the first batch's figure."""
+    import json
+
+    from harness.cli import main
+    suite = tiny_suite("""
+tasks: [sst2]
+methods:
+  - {method: full, lr: 1.0e-4}
+  - {method: tokentune, lr: 1.0e-4}
+train: {max_steps: 4, batch_size: 8, max_train_samples: 64, max_seq_length: 48, padding: max_length, evaluate: false}
+""")
+    out = tmp_path / "out"
+    assert main(["run", str(suite), "--out", str(out), "--data-dir", str(data_dir), "--no-report"]) == 0
+    figures = {label: json.loads((out / f"sst2__{label}__seed0.json").read_text())["measurements"]
+               for label in ("full", "tokentune")}
+    assert figures["full"]["count_activations"] == "per_shape"
+    assert figures["tokentune"]["count_activations"] == "every_step"
