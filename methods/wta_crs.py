@@ -1,19 +1,32 @@
-"""WTA-CRS: unbiased weight gradients of Linear layers from a sample of the input's rows.
+"""WTA-CRS: unbiased weight gradients of Linear layers from a sample of the input's real-token rows.
 
 Liu, Wang, Zhong, Xu, Zha, Tang, Jiang, Zhou, Chaudhary, Xu & Hu,
 "Winner-Take-All Column Row Sampling for Memory Efficient Adaptation of
 Language Model", NeurIPS 2023.
 
 A Linear's weight gradient is a sum over tokens, dW = sum_i g_i^T x_i (x_i the
-input row, g_i the output-gradient row). WTA-CRS keeps only k = ratio * N of
-the N rows of x for backward: the "winners" C, the rows of highest sampling
-probability p_i (deterministic), and k - |C| rows drawn with replacement from
-the rest with probability p_j / (1 - P_C), each scaled by (1 - P_C) /
-((k - |C|) p_j). The estimate is unbiased; |C| is the c in 0..k-1 that
-minimises the variance factor (1 - P_C) / (k - c), as in the paper. The
-forward is exact, and so is the input gradient (it needs only the weight);
-the bias gradient is exact too. Saved for backward: k rows (scaled), their
-indices (int64), instead of N rows.
+input row, g_i the output-gradient row). WTA-CRS keeps only k of the rows of x
+for backward: the "winners" C, the rows of highest sampling probability p_i
+(deterministic), and k - |C| rows drawn with replacement from the rest with
+probability p_j / (1 - P_C), each scaled by (1 - P_C) / ((k - |C|) p_j). The
+estimate is unbiased; |C| is the c in 0..k-1 that minimises the variance
+factor (1 - P_C) / (k - c), as in the paper. The forward is exact, and so is
+the input gradient (it needs only the weight); the bias gradient is exact too.
+Saved for backward: k rows (scaled) and their indices (int64), instead of all
+rows.
+
+Only real tokens are sampled. The rows of padding tokens (attention mask 0)
+get an output gradient of exactly zero (no real token attends to them and the
+head never reads them), so they add nothing to dW: they are never kept, and
+k = max(1, int(ratio * n)) with n the batch's number of real-token rows (int
+rounds down). The estimate stays unbiased. The mask reaches the sampled layers
+through a forward pre-hook on the model (and on the Hugging Face model inside
+it) that stores the batch's `attention_mask` on each sampled Linear, found
+through the module the hook fires on, so a deep copy fills its own layers.
+A Linear whose input is not (batch, length, features) of the mask's shape, or
+a forward without a mask, samples among all its rows (still unbiased). How many
+rows are kept now depends on the mask's values, not only on the batch's shape,
+so `activations_depend_on_values` is set and the meter counts every step.
 
 Trainable: nothing is added or frozen. Alone it is full fine-tuning whose
 sampled layers get WTA-CRS weight gradients; stacked, it samples whichever
@@ -26,18 +39,40 @@ configurations sample the attention output and both feed-forward layers but
 not the query/key/value projections). 2-D inputs (pooler, classifier) stay exact.
 After LoRA, whose trainable Linears sit under `query`/`value`, set `skip: []`.
 
-Departures from the paper:
-- Probabilities p_i are proportional to the input row norms ||x_i|| alone.
-  The paper's ideal is ||x_i|| * ||g_i||, unknown during the forward pass; the
-  authors' code can reuse the previous step's output-gradient norms when shapes
-  repeat, which dynamic padding rarely allows.
+What the authors' code does (github.com/zirui-ray-liu/WTACRS,
+seq2seq/approxlinear/{functional,scheme,trainer,config}.py and the GLUE
+configs under seq2seq/configs/approx_linear/), and where this one departs:
+- Probabilities. Theirs are proportional to ||x_i|| * ||g_i||, with g_i's norm
+  taken from a buffer indexed by training example and token position: every
+  backward writes each example's per-position output-gradient norms there, and
+  the next forward on the same example reads them, so the norms are those of
+  the previous epoch (the buffer needs fixed-length padding, and their GLUE
+  configs pad to 128). In the first epoch the buffer is still zero and they
+  fall back to ||x_i|| alone. Here p_i is proportional to ||x_i|| always: no
+  per-example buffer, which dynamic padding and the harness's data order do
+  not support.
+- Padding. Their rows include every padded position; from the second epoch
+  the zero gradient norms stored for padding make those rows (almost) never
+  drawn, but in the first epoch padding competes for samples like real
+  tokens. Here padding is excluded from the start, and k counts real tokens
+  (theirs: k = ratio * all rows).
+- minimal_k. They keep at least minimal_k = 10 rows, k = min(max(int(ratio N),
+  10), N); here k = max(1, int(ratio n)), which differs only for batches of
+  fewer than 10 / ratio real tokens.
+- Their scaling. When no winners are chosen their GLUE configs
+  (mix_replacement: true) draw the k rows without replacement and keep them
+  unscaled, and in the first epoch (zero gradient buffer) they scale drawn
+  rows by (1 - P_C) without the 1 / (s p_j) factor; both are biased. Here the
+  unbiased with-replacement estimator of the paper is used in every case.
 - The authors also sample inside the attention matmuls ("score"/"attout");
   here only Linear layers are sampled.
 - Stacked with activation compression, the sampled rows are kept in full
   precision (the sampled Linear replaces the compressed one).
+- Stacked with a method that reorders a sequence's tokens while keeping the
+  (batch, length) shape before a sampled Linear, the rows would no longer line
+  up with the mask; none in methods/ does (TokenTune's selected block is
+  shorter than the sequence unless its fraction is close to 1).
 """
-
-import types
 
 import torch
 import torch.nn.functional as F
@@ -45,13 +80,19 @@ import torch.nn.functional as F
 from harness.method import Method, count, head_parameters
 
 
-def sample_rows(x2d: torch.Tensor, k: int):
-    """WTA-CRS sample of k rows: (row indices, per-row scale) for an unbiased estimate of sum_i x_i^T g_i."""
+def sample_rows(x2d: torch.Tensor, k: int, valid: torch.Tensor | None = None):
+    """WTA-CRS sample of at most k rows of x2d: (row indices, per-row scale) for an unbiased estimate of
+    sum_i x_i^T g_i, provided g_i = 0 for every row outside `valid` ((N,) bool; default: every row).
+    Rows outside `valid`, and rows of zero norm, are never kept; when at most k rows are left, all of
+    them are kept exactly."""
     norms = x2d.detach().float().norm(dim=1)
-    total = norms.sum()
-    if total == 0:  # every row is zero: the gradient is exactly zero whatever is kept
-        return torch.arange(k, device=x2d.device), torch.zeros(k, device=x2d.device)
-    probs = norms / total
+    if valid is not None:
+        norms = norms * valid.to(norms.dtype)
+    candidates = int((norms > 0).sum())
+    if candidates <= k:  # nothing to sample: keep every row that can contribute, unscaled (exact)
+        index = norms.nonzero().flatten()
+        return index, torch.ones(index.numel(), device=x2d.device)
+    probs = norms / norms.sum()
     top_p, top_i = probs.topk(k)
     covered = torch.cat([top_p.new_zeros(1), top_p.cumsum(0)[:-1]])  # P_C for |C| = 0..k-1
     score = (1 - covered).clamp(min=0) / torch.arange(k, 0, -1, device=x2d.device)
@@ -67,16 +108,23 @@ def sample_rows(x2d: torch.Tensor, k: int):
     return torch.cat([winners, drawn]), torch.cat([torch.ones(c, device=x2d.device), scale])
 
 
+def kept_rows(ratio: float, real_rows: int) -> int:
+    """k: how many rows a sampled Linear keeps for `real_rows` real-token rows."""
+    return max(1, int(ratio * real_rows))
+
+
 class SampledLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, ratio):
+    def forward(ctx, x, weight, bias, ratio, valid=None):
+        """valid: (batch, length) bool, the real tokens; used when x is (batch, length, features)."""
         x2d = x.reshape(-1, x.shape[-1])
-        k = max(1, int(x2d.shape[0] * ratio))
+        rows_valid = valid.reshape(-1) if valid is not None and tuple(valid.shape) == tuple(x.shape[:-1]) else None
+        real = x2d.shape[0] if rows_valid is None else int(rows_valid.sum())
         ctx.x_dtype = x.dtype
-        if k >= x2d.shape[0]:
+        if rows_valid is None and kept_rows(ratio, real) >= real:
             rows, index = x2d, None
         else:
-            index, scale = sample_rows(x2d, k)
+            index, scale = sample_rows(x2d, kept_rows(ratio, real), rows_valid)
             rows = x2d[index] * scale[:, None].to(x.dtype)
         ctx.save_for_backward(rows, index, weight)
         return F.linear(x, weight, bias)
@@ -91,34 +139,48 @@ class SampledLinear(torch.autograd.Function):
             picked = g2d if index is None else g2d[index]
             grad_w = (picked.float().t() @ rows.float()).to(weight.dtype)
         grad_b = g2d.sum(0) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
-def _sampled_forward(ratio):
-    def forward(self, x):
-        if torch.is_grad_enabled() and self.weight.requires_grad and x.dim() == 3:
-            return SampledLinear.apply(x, self.weight, self.bias, ratio)
-        return F.linear(x, self.weight, self.bias)
-    return forward
+def _sampled_forward(self, x):
+    if torch.is_grad_enabled() and self.weight.requires_grad and x.dim() == 3:
+        return SampledLinear.apply(x, self.weight, self.bias, self.wta_crs_ratio, self.wta_crs_valid)
+    return F.linear(x, self.weight, self.bias)
+
+
+def _remember_real_tokens(model, args, kwargs):
+    # Reaches the sampled layers through the module the hook fires on, never a closure: a deep
+    # copy of the model shares its hooks, and must fill its own layers' masks.
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    valid = mask.detach() != 0 if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    for module in model.modules():
+        if hasattr(module, "wta_crs_ratio"):
+            module.wta_crs_valid = valid
 
 
 class WTACRS(Method):
     name = "wta_crs"
     family = "METL"
-    description = "WTA-CRS: Linear weight gradients from winner-take-all column-row samples of the input; stackable"
+    description = "WTA-CRS: Linear weight gradients from winner-take-all samples of the real tokens' input rows; stackable"
     paper = "Liu et al., Winner-Take-All Column Row Sampling for Memory Efficient Adaptation of Language Model, NeurIPS 2023"
     trains = "whatever is trainable when applied (alone: all weights)"
     default_lr = 5e-5  # alone it is full fine-tuning
     defaults = {"ratio": 0.3, "skip": ["query", "key", "value"]}
+    activations_depend_on_values = True  # the kept rows follow the attention mask's real-token count
 
     def check_hparams(self):
         if not 0 < self.hparams["ratio"] <= 1:
             raise ValueError(f"ratio must be in (0, 1], got {self.hparams['ratio']}")
 
+    @staticmethod
+    def backbone(model):
+        """The Hugging Face model inside `model` (the outermost one), or `model` itself."""
+        from transformers import PreTrainedModel
+        return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), model)
+
     def targets(self, model):
         """Trainable Linear layers of the backbone (not the task head), minus those named in `skip`."""
-        from transformers import PreTrainedModel
-        backbone = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), model)
+        backbone = self.backbone(model)
         head = {id(p) for p in head_parameters(backbone).values()} if hasattr(backbone, "base_model_prefix") else set()
         skip = set(self.hparams["skip"])
         return [m for name, m in model.named_modules()
@@ -130,8 +192,13 @@ class WTACRS(Method):
         if not targets:
             raise ValueError("wta_crs found no trainable Linear layer outside `skip`; after LoRA set skip: []")
         for module in targets:
-            module.forward = types.MethodType(_sampled_forward(self.hparams["ratio"]), module)
+            module.wta_crs_ratio, module.wta_crs_valid = self.hparams["ratio"], None
+            module.forward = _sampled_forward.__get__(module)
+        # The outer model sees the batch; the Hugging Face model inside sees the mask as its layers do
+        # (lengthened by soft prompts, say). Outer hooks fire first, so the inner one has the last word.
+        for hooked in dict.fromkeys([model, self.backbone(model)]):
+            hooked.register_forward_pre_hook(_remember_real_tokens, with_kwargs=True)
         return model
 
     def expected_trainable_params(self, model, task):
-        return count(p for p in model.parameters() if p.requires_grad)
+        return count(model.parameters())  # adds and freezes nothing: alone, every parameter trains
