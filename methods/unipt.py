@@ -53,20 +53,27 @@ class UniPTNetwork(FrozenBackboneClassifier):
     def frozen_features(self, input_ids, attention_mask, token_type_ids=None):
         return frozen_hidden_states(self.model, input_ids, attention_mask, token_type_ids)
 
-    def trainable_path(self, hidden_states, attention_mask):
-        keys = attention_mask.unsqueeze(1).to(hidden_states[0].dtype)  # (batch, 1, length): padding never attended
-        anchor = self.down[-1](hidden_states[-1])
+    @staticmethod
+    def interaction_weights(anchor: torch.Tensor, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """W (batch, length, length): token i of the anchor gathers from token j of x with weight
+        relu(<anchor_i, x_j>), zero for padding j, L1-normalised over j (before the identity is added)."""
+        keys = attention_mask.unsqueeze(1).to(x.dtype)  # (batch, 1, length): padding never attended
+        weights = torch.relu(anchor @ x.transpose(1, 2)) * keys
+        return weights / (weights.sum(-1, keepdim=True) + 1e-6)
+
+    def layer_confidences(self, anchor: torch.Tensor, lower: list[torch.Tensor], attention_mask) -> torch.Tensor:
+        """(batch, layers): softmax over the lower layers l of gate(mean(x_N) * mean(x_l)), means over real tokens."""
         anchor_mean = pool(anchor, attention_mask, "mean")
-        identity = torch.eye(anchor.shape[1], dtype=anchor.dtype, device=anchor.device)
-        merged, confidence = [], []
-        for down, hidden in zip(self.down[:-1], hidden_states[:-1]):
-            x = down(hidden)
-            weights = torch.relu(anchor @ x.transpose(1, 2)) * keys
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-6) + identity
-            merged.append(weights @ x)
-            confidence.append(self.gate(anchor_mean * pool(x, attention_mask, "mean")))
-        confidence = torch.softmax(torch.cat(confidence, dim=1), dim=1)  # (batch, layers)
-        merged = (torch.stack(merged, dim=1) * confidence[:, :, None, None]).sum(1)
+        scores = [self.gate(anchor_mean * pool(x, attention_mask, "mean")) for x in lower]
+        return torch.softmax(torch.cat(scores, dim=1), dim=1)
+
+    def trainable_path(self, hidden_states, attention_mask):
+        anchor = self.down[-1](hidden_states[-1])
+        lower = [down(hidden) for down, hidden in zip(self.down[:-1], hidden_states[:-1])]
+        identity = torch.eye(anchor.shape[1], dtype=anchor.dtype, device=anchor.device)  # each token keeps its own
+        merged = torch.stack([(self.interaction_weights(anchor, x, attention_mask) + identity) @ x for x in lower], 1)
+        confidence = self.layer_confidences(anchor, lower, attention_mask)  # (batch, layers)
+        merged = (merged * confidence[:, :, None, None]).sum(1)
         out = self.up(anchor + self.proj(merged))
         return self.head(pool(out, attention_mask, self.pooling))
 
