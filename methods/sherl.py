@@ -29,18 +29,46 @@ Back-propagated through: the MTSA, the head and the late layers (their
 activations are saved; frozen unless train_late_layers). Not through: the
 embeddings and the early layers.
 
-Departures from the paper:
-- A BERT-style encoder with a fresh linear classifier on the last layer's
-  [CLS] state (the backbone's pooler and head are not used); the paper's
-  language-only runs use T5 generating the label.
-- Late layers are frozen by default, as in the authors' public code, where
-  only the adapter is trained and gradients pass through the frozen late
-  layer; `train_late_layers: true` fine-tunes them in full (no PETL module
+Which of the authors' variants this follows. Their code
+(github.com/Paranioar/SHERL) builds the MTSA differently per backbone:
+- VSE-infty (image-text retrieval; BERT-base text encoder),
+  VSE-infty/lib/adapter_for_transformer.py and lib/encoders.py: the embedding
+  output and the outputs of layers 1..11 are consolidated (per output: linear
+  + LayerNorm to embed_size / downsample_factor = 1024 / 2 = 512); the
+  aggregation has no MLP (g = sum_l w_l x_l + x_K); out = Dropout(0.1)(
+  LayerNorm(linear(relu(g)))) + tanh(beta / 0.1) h_K; the frozen 12th BERT
+  layer runs on that with a graph. All of BERT is frozen.
+- MDETR (RoBERTa + DETR transformer), MDETR/models/transformer.py: the same
+  block with an MLP after the aggregation (linear m->d, ReLU, linear d->m,
+  LayerNorm) and out = LayerNorm(linear(relu(g))) without dropout, over a
+  chosen subset of layers (encoder layers [0, 1, 3, 5], consolidated beside
+  the encoder with no late layer; decoder layers [0, 2, 3, 4], then the last
+  decoder layer runs on the result).
+- T5 (the NLP experiments, GLUE), Ladder-Side-Tuning/seq2seq/third_party/
+  models/t5/modeling_side_t5.py (MTSAdapter): each output goes through a gated
+  adapter (relu(fc1 x), then (fc2(.) + .) * sigmoid(fc3(.))) to width
+  d_model / task_reduction_factor, no MLP after the aggregation, out =
+  linear(relu(g)) without LayerNorm; in the encoder the result replaces the
+  encoder's output (no late layer), in the decoder the last layer runs on it.
+This implementation follows the VSE-infty BERT text encoder, the authors'
+only BERT-style one: embedding output plus every early layer's output, the
+last pretrained layer(s) frozen and back-propagated through. It differs from
+it in:
+- The aggregation's MLP and the output without dropout come from the MDETR
+  variant (VSE-infty has no MLP, and dropout 0.1 after the output LayerNorm).
+- Width m = hidden / downsample_factor (384 / 2 on MiniLM); VSE-infty divides
+  its joint embedding size (1024) instead, giving 512 on a 768-wide BERT.
+- Normalisations: cosine similarities via F.normalize (x / max(||x||, 1e-6))
+  and weights / (sum + 1e-6); theirs use x / (||x|| + 1e-8) and + 1e-8.
+- The head: a fresh linear classifier on the last layer's [CLS] state (or
+  the mean, `pooling: mean`); VSE-infty pools with GPO into a retrieval
+  embedding, and the paper's language-only runs use T5 generating the label.
+- `late_layers` (default 1, theirs: 1) may be larger, and
+  `train_late_layers: true` fine-tunes the late layers in full (no PETL module
   inside them is offered), at the learning rate times `late_lr_ratio` (0.1),
-  since pretrained weights want a smaller step than a fresh adapter.
-- Early outputs consolidated: the embedding output and all K early layers'
-  outputs (the authors pick a subset of layer outputs per backbone, e.g. 4 of
-  6 for MDETR's encoder).
+  since pretrained weights want a smaller step than a fresh adapter. Neither
+  is in the authors' code, where only the adapter is trained.
+- Every early output is consolidated (the MDETR variant picks a subset).
 """
 
 import torch
