@@ -119,7 +119,8 @@ def resolve(ref: str, where: str) -> type[Method]:
         if target.endswith(".py"):
             path = Path(target).resolve()
             if not path.is_file():
-                raise UserError(where, f"plugin file '{target}' does not exist", "give a path relative to where you run the harness")
+                problem = "is a folder, not a Python file" if path.is_dir() else "does not exist"
+                raise UserError(where, f"plugin file '{target}' {problem}", "give a path relative to where you run the harness")
             spec = importlib.util.spec_from_file_location(f"harness_plugin_{path.stem}", path)
             module = importlib.util.module_from_spec(spec)
             sys.modules[spec.name] = module

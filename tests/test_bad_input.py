@@ -366,7 +366,8 @@ def test_plugin_path_that_is_a_folder(tmp_path, capsys):
     (tmp_path / "my_plugin.py").mkdir()
     suite = write_case(tmp_path, f"tasks: [sst2]\nmethods: [{{method: '{tmp_path / 'my_plugin.py'}'}}]\n", {})
     assert main(["validate", str(suite)]) == 2
-    assert "my_plugin.py" in one_line_error(capsys.readouterr().err)
+    line = one_line_error(capsys.readouterr().err)
+    assert "my_plugin.py" in line and "is a folder" in line
 
 
 # ---- where results go -----------------------------------------------------------------------------
