@@ -27,7 +27,12 @@ Departures from the paper:
   experiments pool the output for retrieval. The classifier here reads the
   [CLS] position of the parallel network's output.
 - downsample_factor 2 follows the authors' public configuration for BERT text
-  encoders; the paper reports other factors as well.
+  encoders; the paper reports other factors as well. Their code
+  (github.com/Paranioar/UniPT, VSE-infty/lib/adapter_for_transformer.py)
+  divides, and up-projects to, the retrieval embedding size (1024) rather
+  than the backbone's width; here m = hidden / downsample_factor and the
+  up-projection returns to hidden. The interaction, its padding mask, the
+  identity and the confidence aggregation follow that file.
 """
 
 import torch
