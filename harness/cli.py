@@ -75,10 +75,7 @@ def _cmd_list(args) -> int:
 
 def _cmd_compare(args) -> int:
     from harness import compare, gate
-    suite_gate = {}
-    if args.suite:  # only then pay for importing the suite schema (torch, the method registry)
-        from harness import config
-        suite_gate = config.load_suite(args.suite).gate
+    suite_gate = gate.from_suite(args.suite) if args.suite else {}  # the gate: mapping alone
     settings = gate.resolve(suite_gate, {"memory_tolerance": args.memory_tolerance,
                                          "metric_tolerance": args.metric_tolerance, "time_tolerance": args.time_tolerance})
     result = compare.compare(args.baseline, args.current, settings)

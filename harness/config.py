@@ -15,13 +15,12 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from harness import backbone as backbones
 from harness.errors import UserError
 from harness.gate import parse_settings as parse_gate
 from harness.method import resolve as resolve_method
 from harness.tasks import BUILTIN_TASKS, TaskSpec
+from harness.user_yaml import suite_mapping
 
 
 @dataclass(frozen=True)
@@ -282,40 +281,10 @@ def _parse_task(raw, where: str, base_dir: Path, suite_train: dict) -> tuple[Tas
     return TaskSpec.from_mapping(name, raw, where, base_dir), {}
 
 
-def yaml_file(path: Path, what: str, example: str):
-    """A user's YAML file as plain data; every way it cannot be read is a UserError naming it."""
-    if not path.exists():
-        raise UserError(str(path), f"{what} file not found", f"give the path of a {what} YAML, e.g. {example}")
-    if path.is_dir():
-        raise UserError(str(path), f"is a folder, not a {what} file", f"give the path of a {what} YAML, e.g. {example}")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise UserError(str(path), f"not a UTF-8 text file (byte {exc.object[exc.start:exc.start + 1]!r} at offset {exc.start})",
-                        f"save the {what} as UTF-8 YAML") from None
-    except PermissionError:
-        raise UserError(str(path), "cannot be read: permission denied", "make it readable (e.g. chmod a+r)") from None
-    except OSError as exc:
-        raise UserError(str(path), f"cannot be read: {exc.strerror or exc}", f"give the path of a {what} YAML, e.g. {example}") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        if isinstance(exc, yaml.constructor.ConstructorError) and "tag" in problem:  # e.g. !!python/object: plain data only
-            raise UserError(f"{path}{at}", f"YAML tag not allowed: {problem}", f"{what}s are plain data; remove the tag") from None
-        raise UserError(f"{path}{at}", f"YAML syntax error: {problem}", "fix the YAML at that line") from None
-
-
 def load_suite(path: str | Path) -> Suite:
     path = Path(path)
-    raw = yaml_file(path, "suite", "suites/smoke.yaml")
+    raw = suite_mapping(path)
     where = str(path)
-    if raw is None:
-        raise UserError(where, "the suite file is empty (no YAML in it)", "start from suites/smoke.yaml")
-    if not isinstance(raw, dict):
-        raise UserError(where, "a suite must be a YAML mapping", "start from suites/smoke.yaml")
     for key in raw:
         if key not in SUITE_KEYS:
             raise _unknown(where, key, SUITE_KEYS)

@@ -14,7 +14,9 @@ A tolerance is a non-negative number, or "off" (YAML `false`) to leave the
 group out. Memory and time accept "2%" or 2 (both two percent); the metric
 tolerance is in points and takes no "%". Settings come from, in rising
 precedence: DEFAULTS, a suite's `gate:` mapping, the command-line flags.
-This module is shared by the suite schema (config.py) and compare.py.
+This module is shared by the suite schema (config.py) and compare.py;
+`from_suite` reads a suite's gate: mapping without validating (or importing)
+the rest of the suite.
 """
 
 import math
@@ -86,3 +88,11 @@ def resolve(suite_gate: dict, flags: dict) -> dict:
         if text is not None:
             settings[key] = parse_tolerance(text, f"--{key.replace('_', '-')}", percent=key != "metric_tolerance")
     return settings
+
+
+def from_suite(path) -> dict:
+    """A suite file's gate: mapping, parsed; the suite's methods, tasks and data are not looked at."""
+    from pathlib import Path
+
+    from harness.user_yaml import suite_mapping
+    return parse_settings(suite_mapping(Path(path)).get("gate"), f"{path}.gate")

@@ -254,3 +254,22 @@ def test_suite_gate_settings_and_precedence(tmp_path):
         suite.write_text(smoke + bad)
         with pytest.raises(UserError, match=r"\.gate"):
             load_suite(suite)
+
+
+def test_suite_gate_is_read_without_the_rest_of_the_suite(sides, tmp_path):
+    """`compare --suite` needs the gate: mapping only: a plugin that cannot be imported, a task
+    whose data is missing, or an unknown method elsewhere in the suite do not stop it, and
+    neither torch nor the method registry is imported to read it."""
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("name: broken\ntasks: [{name: gone, data_files: {train: nowhere.csv}, text_columns: [t],"
+                     " num_labels: 2, metrics: [accuracy]}]\nmethods: [{method: 'no_such_package.methods:Thing'},"
+                     " {method: not_a_method}]\ngate:\n  memory_tolerance: 0%\n")
+    assert gate.from_suite(suite)["memory_tolerance"] == 0.0
+    base, cur = sides
+    edit(cur, LORA, lambda r: r["measurements"].update(activation_bytes=r["measurements"]["activation_bytes"] + 1))
+    status, out, err = cli(base, cur, "--suite", suite)
+    assert status == 1 and "activation_bytes" in out, out + err  # the suite's 0% tolerance was applied
+    probe = subprocess.run([sys.executable, "-c", "import sys; from harness import gate; "
+                            f"gate.from_suite({str(suite)!r}); print('torch' in sys.modules, 'harness.method' in sys.modules)"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert probe.stdout.split() == ["False", "False"], probe.stdout + probe.stderr
