@@ -105,7 +105,5 @@ def _forget_slots(backbone, args, output):
 
 
 def special_tokens(task) -> int:
-    """[CLS] and one [SEP] per text: 2 for a single sentence, 3 for a pair."""
-    if len(task.text_columns) > 2:
-        raise ValueError(f"pasta: tasks with {len(task.text_columns)} text columns are not supported (one or two)")
+    """[CLS] and one [SEP] per text: 2 for a single sentence, 3 for a pair (a task has at most two)."""
     return 1 + len(task.text_columns)

@@ -55,6 +55,8 @@ CASES = [
     ("task-name-with-slash", "tasks: [{name: a/b, data_files: {train: d.csv, validation: d.csv}, text_columns: [text], num_labels: 2, metrics: [accuracy]}]\n" + GOOD_METHOD,
      {"d.csv": "text,label\nhello,0\n"}, ["tasks[0].name", "'a/b'"]),
     ("unhashable-yaml-key", f"? [a, b]\n: 1\ntasks: [sst2]\n{GOOD_METHOD}", {}, ["YAML", "unhashable key"]),
+    ("three-text-columns", "tasks: [{name: mine, data_files: {train: d.csv}, text_columns: [a, b, c], num_labels: 2, metrics: [accuracy]}]\n" + GOOD_METHOD,
+     {"d.csv": "a,b,c,label\nx,y,z,0\n"}, ["tasks[0].text_columns", "3 text columns", "one or two"]),
     ("regression-metric-mismatch", "tasks: [{name: mine, data_files: {train: d.csv}, text_columns: [text], type: regression, metrics: [accuracy]}]\n" + GOOD_METHOD,
      {"d.csv": "text,label\nhello,0.5\n"}, ["does not fit a regression task"]),
 ]

@@ -96,8 +96,12 @@ class TaskSpec:
         for key, value in strings.items():
             if not isinstance(value, str):
                 raise UserError(f"{where}.{key}", "must be a string", f"quote the value of {key}")
+        text_columns = need_list("text_columns")
+        if len(text_columns) > 2:  # a tokenizer takes a text and an optional pair; a third would be dropped
+            raise UserError(f"{where}.text_columns", f"{len(text_columns)} text columns; a task reads one text or a pair",
+                            "give one or two columns (join the others into one in the data)")
         return cls(
-            name=name, text_columns=need_list("text_columns"), metrics=metrics, primary_metric=primary,
+            name=name, text_columns=text_columns, metrics=metrics, primary_metric=primary,
             type=task_type, num_labels=num_labels, data_files=data_files, hub=hub, **strings,
         )
 
