@@ -5,11 +5,14 @@ Each expected value below is counted or computed in the comments from the small 
 arrays, from the metric's formula written out with numpy.
 """
 
+import json
 import warnings
 
 import numpy as np
 import pytest
 
+from harness import metrics, results
+from harness.cli import main
 from harness.metrics import METRICS
 from harness.tasks import BUILTIN_TASKS
 
@@ -155,3 +158,94 @@ def test_glue_tasks_use_official_metrics():
     higher = {name: m.higher_is_better for name, m in METRICS.items()}
     assert higher == {"accuracy": True, "f1": True, "macro_f1": True, "matthews_correlation": True,
                       "pearson": True, "spearman": True, "mse": False}
+
+
+# ---- the registry and the plugin route ------------------------------------------------------------
+
+def test_which_metrics_fit_a_task_type_comes_from_their_declarations():
+    assert metrics.fitting("classification") == ["accuracy", "f1", "macro_f1", "matthews_correlation"]
+    assert metrics.fitting("regression") == ["mse", "pearson", "spearman"]
+
+
+def test_a_declaration_must_say_higher_is_better_and_a_known_task_type():
+    with pytest.raises(TypeError, match="higher_is_better"):
+        metrics.metric(higher_is_better="yes")(lambda p, r: 0.0)
+    with pytest.raises(TypeError, match="task_types"):
+        metrics.metric(higher_is_better=True, task_types=("ranking",))(lambda p, r: 0.0)
+
+
+PLUGIN = '''
+from pathlib import Path
+from harness.metrics import metric
+
+with open(Path(__file__).with_suffix(".imports"), "a") as log:  # one line per time this file is executed
+    log.write("imported\\n")
+
+
+@metric(higher_is_better=False, task_types=("classification",))
+def share_of_ones(predictions, references):
+    """fraction of references that are class 1"""
+    return (references == 1).mean()
+
+
+@metric(higher_is_better=True, task_types=("regression",))
+def regression_only(predictions, references):
+    return 0.0
+
+
+def undeclared(predictions, references):
+    return 0.0
+'''
+# 16 rows, 6 of them class 1: the plugin's value on the whole evaluation split is 6 / 16
+ROWS = [("good film", 1), ("bad film", 0), ("fine", 1), ("awful", 0), ("great", 1), ("dull", 0), ("nice", 1),
+        ("poor", 0), ("lovely", 1), ("boring", 0), ("superb", 1), ("weak", 0), ("flat", 0), ("tedious", 0),
+        ("grim", 0), ("meh", 0)]
+
+
+def custom_task_suite(tiny_suite, folder, metric_list: str):
+    (folder / "plugin.py").write_text(PLUGIN)
+    (folder / "d.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in ROWS))
+    return tiny_suite(f"tasks: [{{name: mine, data_files: {{train: d.csv, validation: d.csv}}, text_columns: [text], "
+                      f"num_labels: 2, metrics: {metric_list}}}]\n"
+                      "methods: [{method: linear_probe, lr: 1.0e-2}]\n"
+                      "train: {max_steps: 2, batch_size: 8, max_seq_length: 16, timing_warmup_steps: 0}\n")
+
+
+def test_a_plugin_metric_runs_end_to_end_and_lands_in_the_record(tiny_suite, tmp_path):
+    plugin = tmp_path / "plugin.py"
+    suite = custom_task_suite(tiny_suite, tmp_path, f"['{plugin}:share_of_ones', accuracy]")
+    out = tmp_path / "out"
+    assert main(["run", str(suite), "--out", str(out), "--no-report"]) == 0
+    [record] = [json.loads(p.read_text()) for p in out.glob("*.json")]
+    assert record["status"] == "ok", record.get("error")
+    assert record["metrics"][f"{plugin}:share_of_ones"] == {"value": 6 / 16, "higher_is_better": False}
+    assert record["metrics"]["accuracy"]["higher_is_better"] is True
+    row = results.load(out).iloc[0]  # the plugin is the task's primary metric
+    assert row["metric_name"] == f"{plugin}:share_of_ones" and row["metric"] == 6 / 16 and not row["higher_is_better"]
+
+
+def test_a_plugin_is_imported_once_per_process(tmp_path):
+    (tmp_path / "plugin.py").write_text(PLUGIN)
+    ref = f"{tmp_path / 'plugin.py'}:share_of_ones"
+    first, again = metrics.resolve(ref, "here"), metrics.METRICS[ref]
+    assert first is again and first.higher_is_better is False and first.description == "fraction of references that are class 1"
+    metrics.resolve(f"{tmp_path / 'plugin.py'}:regression_only", "here")  # another name from the same file
+    assert (tmp_path / "plugin.imports").read_text() == "imported\n"
+
+
+@pytest.mark.parametrize("ref,words", [
+    ("no_such_module_anywhere:fn", ["cannot import plugin", "no_such_module_anywhere"]),
+    ("{dir}/absent.py:fn", ["absent.py", "does not exist"]),
+    ("{dir}/plugin.py:nothing_here", ["has no 'nothing_here'"]),
+    ("{dir}/plugin.py:undeclared", ["not a declared metric", "@harness.metrics.metric"]),
+    ("{dir}/plugin.py:regression_only", ["does not fit a classification task"]),
+    ("bleu", ["unknown metric 'bleu'"]),
+], ids=["no-module", "no-file", "no-attribute", "not-decorated", "wrong-task-type", "unknown-name"])
+def test_a_bad_metric_reference_is_one_line_and_exit_2(ref, words, tiny_suite, tmp_path, capsys):
+    suite = custom_task_suite(tiny_suite, tmp_path, f"['{ref.format(dir=tmp_path)}']")
+    assert main(["validate", str(suite)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("error: ") and "tasks[0].metrics" in err and "; fix: " in err, err
+    for word in words:
+        assert word in err, err

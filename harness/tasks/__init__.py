@@ -2,6 +2,7 @@
 
 Every task, GLUE included, is declared in YAML (see glue.yaml beside this file)
 and parsed by `TaskSpec.from_mapping`; a suite declares new tasks the same way.
+A task's metrics are names from harness/metrics.py or plugin metrics (module:function).
 """
 
 from dataclasses import asdict, dataclass, field
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from harness import metrics as metric_registry
 from harness.errors import UserError
-from harness.metrics import CLASSIFICATION_METRICS, METRICS, REGRESSION_METRICS
 
 TASK_KEYS = {
     "description", "local", "data_files", "hub", "text_columns", "label_column", "type",
@@ -57,7 +58,7 @@ class TaskSpec:
             return tuple(value)
 
         task_type = raw.get("type", "classification")
-        if task_type not in ("classification", "regression"):
+        if task_type not in metric_registry.TASK_TYPES:
             raise UserError(f"{where}.type", f"'{task_type}' is not a task type", "use classification or regression")
         num_labels = raw.get("num_labels", 1 if task_type == "regression" else None)
         if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 1:
@@ -67,12 +68,10 @@ class TaskSpec:
         if task_type == "regression" and num_labels != 1:
             raise UserError(f"{where}.num_labels", "a regression task predicts one value", "remove num_labels or set it to 1")
         metrics = need_list("metrics")
-        allowed = REGRESSION_METRICS if task_type == "regression" else CLASSIFICATION_METRICS
-        for m in metrics:
-            if m not in METRICS:
-                raise UserError(f"{where}.metrics", f"unknown metric '{m}'", f"use some of {sorted(allowed)}")
-            if m not in allowed:
-                raise UserError(f"{where}.metrics", f"metric '{m}' does not fit a {task_type} task", f"use some of {sorted(allowed)}")
+        for m in metrics:  # a plugin metric is imported here, so a bad reference stops the suite before training
+            if task_type not in metric_registry.resolve(m, f"{where}.metrics").task_types:
+                raise UserError(f"{where}.metrics", f"metric '{m}' does not fit a {task_type} task",
+                                f"use some of {metric_registry.fitting(task_type)}")
         if task_type == "classification" and "f1" in metrics and num_labels != 2:
             raise UserError(f"{where}.metrics", "f1 is binary F1 and needs num_labels: 2", "use macro_f1 for more classes")
         primary = raw.get("primary_metric", metrics[0])
