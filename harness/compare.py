@@ -17,6 +17,7 @@ from pathlib import Path
 
 from harness import gate, results
 from harness.errors import UserError
+from harness.formatting import format_bytes, is_missing, markdown_cell
 
 EXPORT_KIND = "harness-baseline"  # marks a baseline file written by `export`
 
@@ -124,13 +125,13 @@ class Comparison:
 
 
 def _number(value) -> float | None:
-    if value is None or isinstance(value, bool):
+    if isinstance(value, bool):
         return None
     try:
         value = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError):  # None, or not a number
         return None
-    return None if math.isnan(value) else value
+    return None if is_missing(value) else value
 
 
 def _show(group: str, value: float) -> str:
@@ -138,11 +139,7 @@ def _show(group: str, value: float) -> str:
         return f"{value:.4f}"
     if group == "time":
         return f"{value:.3f} s"
-    for unit in ("B", "KiB", "MiB"):
-        if abs(value) < 1024:
-            return f"{value:.0f} B" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
-    return f"{value:.2f} GiB"
+    return format_bytes(value, decimals=2)
 
 
 def _tolerance_text(group: str, tolerance: float) -> str:
@@ -302,22 +299,18 @@ def render_text(result: Comparison) -> str:
 
 def render_markdown(result: Comparison) -> str:
     verdict, summary = _headline(result)
-
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|")
-
     lines = [f"### Regression gate: {verdict}", "",
-             f"`{cell(result.baseline)}` -> `{cell(result.current)}`: {summary}.", "", _settings_text(result.settings), ""]
+             f"`{result.baseline}` -> `{result.current}`: {summary}.", "", _settings_text(result.settings), ""]
     if result.version_changes:
-        lines += [cell(_versions_text(result)), ""]
+        lines += [markdown_cell(_versions_text(result)), ""]
     rows = _rows(result)
     if rows:
         lines.append("| " + " | ".join(COLUMNS) + " |")
         lines.append("|" + "---|" * len(COLUMNS))
-        lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+        lines += ["| " + " | ".join(markdown_cell(v) for v in row) + " |" for row in rows]
     else:
         lines.append("No figure moved beyond its tolerance.")
     notes = _note_lines(result)
     if notes:
-        lines += ["", "Notes:", ""] + [f"- {cell(n)}" for n in notes]
+        lines += ["", "Notes:", ""] + [f"- {markdown_cell(n)}" for n in notes]
     return "\n".join(lines)

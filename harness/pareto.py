@@ -14,12 +14,9 @@ Conventions (one place, so the table and the plots agree):
   dominates nothing: a failed cell is not a choice.
 """
 
-import math
 from typing import Sequence
 
-
-def _usable(value) -> bool:
-    return value is not None and not (isinstance(value, float) and math.isnan(value))
+from harness.formatting import is_missing
 
 
 def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
@@ -32,7 +29,7 @@ def frontier_mask(metrics: Sequence, costs: Sequence) -> list[bool]:
     """For each point, whether it is on the frontier (maximise metric, minimise cost)."""
     if len(metrics) != len(costs):
         raise ValueError(f"{len(metrics)} metrics but {len(costs)} costs")
-    points = [(float(m), float(c)) if _usable(m) and _usable(c) else None for m, c in zip(metrics, costs)]
+    points = [(float(m), float(c)) if not (is_missing(m) or is_missing(c)) else None for m, c in zip(metrics, costs)]
     # Sorted by cost, then best metric first: a point is dominated exactly when some earlier
     # point (cheaper, or as cheap and better) has a metric at least as high and is not its twin.
     order = sorted((i for i, p in enumerate(points) if p is not None), key=lambda i: (points[i][1], -points[i][0]))

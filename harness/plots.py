@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from harness import pareto  # noqa: E402
+from harness.formatting import byte_unit  # noqa: E402
 from harness.summary import AVERAGE, BREAKDOWN, Summary, higher_is_better  # noqa: E402
 
 # Okabe-Ito colours (readable with colour-blindness), and a shape each for grey-scale prints.
@@ -51,11 +52,6 @@ def panels(summary: Summary) -> list[tuple[str, pd.DataFrame]]:
     for task, group in summary.per_task.groupby("task", sort=False):
         out.append((task, group))
     return out
-
-
-def byte_unit(values) -> tuple[float, str]:
-    largest = np.nanmax(values) if len(values) and not np.all(np.isnan(values)) else 0
-    return (2**30, "GiB") if largest >= 4 * 2**30 else (2**20, "MiB")
 
 
 def _grid(n: int, ax_w: float = 4.3, ax_h: float = 3.0, left: float = 0.8, gap_w: float = 0.9):
@@ -138,7 +134,8 @@ def scatter_panel(ax, scope: str, frame: pd.DataFrame, x_column: str, x_label: s
     x = x / scale
     maximise = higher_is_better(frame)
     # Frontier with the metric maximised and the cost minimised (throughput is a cost when negated).
-    on_front = np.array(pareto.frontier_mask(list(y if maximise else -y), list(x if lower_x_better else -x)))
+    signed_y, signed_x = (y if maximise else -y), (x if lower_x_better else -x)
+    on_front = np.array(pareto.frontier_mask(list(signed_y), list(signed_x)))
     for family, (colour, marker) in FAMILY_STYLE.items():
         pick = shown & (frame["family"].to_numpy() == family)
         if not pick.any():
@@ -148,9 +145,10 @@ def scatter_panel(ax, scope: str, frame: pd.DataFrame, x_column: str, x_label: s
                    edgecolors="white", linewidths=0.6, zorder=3)
         ax.scatter(x[pick & on_front], y[pick & on_front], s=70, color=colour, marker=marker, edgecolors="black",
                    linewidths=1.2, zorder=4)
-    if on_front.sum() >= 1:
-        corners = sorted(zip(x[on_front], y[on_front]), key=lambda p: (p[0] if lower_x_better else -p[0], p[1] if maximise else -p[1]))
-        fx, fy = zip(*corners)
+    steps = pareto.frontier_steps(list(signed_y), list(signed_x))
+    if steps:
+        fx = [c if lower_x_better else -c for c, _ in steps]
+        fy = [m if maximise else -m for _, m in steps]
         ax.step(fx, fy, where="post", color="#222", linewidth=1.1, linestyle="--", alpha=0.8, zorder=2)
     if shown.any():
         ax.margins(x=0.18, y=0.22)

@@ -10,7 +10,6 @@ Markdown escape for the comment. The numbers come from harness.summary.
 
 import base64
 import html
-import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Callable
 import pandas as pd
 
 from harness import plots
+from harness.formatting import MISSING, format_bytes, is_missing, markdown_cell
 from harness.summary import AVERAGE, Summary, summarize
 
 HTML_NAME, MARKDOWN_NAME = "report.html", "report.md"
@@ -27,37 +27,24 @@ FRONTIER_MARK = "★"
 
 # ---------------------------------------------------------------- formatting
 
-def _missing(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
-
-
-def fmt_bytes(value) -> str:
-    if _missing(value):
-        return "—"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(value) >= size:
-            return f"{value / size:,.1f} {unit}" if unit != "GiB" else f"{value / size:,.2f} {unit}"
-    return f"{value:,.0f} B"
-
-
 def fmt_metric(mean, std=float("nan")) -> str:
-    if _missing(mean):
-        return "—"
-    return f"{mean:.4f}" + ("" if _missing(std) else f" ± {std:.4f}")
+    if is_missing(mean):
+        return MISSING
+    return f"{mean:.4f}" + ("" if is_missing(std) else f" ± {std:.4f}")
 
 
 def fmt_params(count, pct) -> str:
-    if _missing(count):
-        return "—"
-    return f"{count:,.0f}" + ("" if _missing(pct) else f" ({pct:.3g}%)")
+    if is_missing(count):
+        return MISSING
+    return f"{count:,.0f}" + ("" if is_missing(pct) else f" ({pct:.3g}%)")
 
 
 def fmt_number(value, digits=1, suffix="") -> str:
-    return "—" if _missing(value) else f"{value:,.{digits}f}{suffix}"
+    return MISSING if is_missing(value) else f"{value:,.{digits}f}{suffix}"
 
 
 def fmt_peak(value, source) -> str:
-    return fmt_bytes(value) + ("" if _missing(value) or not source else f" · {source}")
+    return format_bytes(value) + ("" if is_missing(value) or not source else f" · {source}")
 
 
 @dataclass(frozen=True)
@@ -86,7 +73,7 @@ def common_columns(metric_header: str, scope: str) -> list[Column]:
         Column("peak", "peak memory", lambda r: fmt_peak(r["peak_bytes"], r["peak_source"]), lambda r: r["peak_bytes"],
                ("largest over tasks; " if across else "")
                + "best figure the device gave: CUDA max allocated, else NVML peak, else modelled (CPU)"),
-        Column("activations", "activations", lambda r: fmt_bytes(r["activation_bytes"]), lambda r: r["activation_bytes"],
+        Column("activations", "activations", lambda r: format_bytes(r["activation_bytes"]), lambda r: r["activation_bytes"],
                ("largest over tasks; " if across else "") + "bytes saved for backward per step (exact)"),
         Column("trainable", "trainable params", lambda r: fmt_params(r["trainable_params"], r["trainable_pct"]),
                lambda r: r["trainable_params"], ("largest over tasks; " if across else "") + "count (% of all parameters)"),
@@ -125,6 +112,11 @@ def glance(summary: Summary) -> tuple[str, list[tuple[str, str]]]:
 def failed_cells(summary: Summary) -> pd.DataFrame:
     cells = summary.cells[summary.cells["status"] != "ok"]
     return cells.sort_values(["task", "method", "seed"])[["task", "method", "seed", "status", "error"]]
+
+
+def failed_columns() -> list[Column]:
+    return [Column(k, k, lambda r, k=k: MISSING if is_missing(r[k]) else str(r[k]), lambda r, k=k: r[k])
+            for k in ("task", "method", "seed", "status", "error")]
 
 
 def _count(items, noun: str) -> str:
@@ -212,7 +204,7 @@ def esc(value) -> str:
 
 
 def _sort_value(value) -> str:
-    if _missing(value):
+    if is_missing(value):
         return ""
     if isinstance(value, bool):
         return str(int(value))
@@ -245,8 +237,7 @@ def html_table(frame: pd.DataFrame, columns: list[Column], scope: str) -> str:
 def failed_html(frame: pd.DataFrame) -> str:
     if not len(frame):
         return "<p>Every cell finished.</p>"
-    columns = [Column(k, k, lambda r, k=k: "—" if _missing(r[k]) else str(r[k]), lambda r, k=k: r[k])
-               for k in ("task", "method", "seed", "status", "error")]
+    columns = failed_columns()
     head = "".join(f'<th class="col-{c.key}" scope="col">{esc(c.header)}</th>' for c in columns)
     body = "".join(f'<tr data-scope="failed" data-method="{esc(r["method"])}">' + "".join(html_cell(c, r) for c in columns)
                    + "</tr>" for r in frame.to_dict("records"))
@@ -315,19 +306,11 @@ def render_html(summary: Summary, figures: dict, out_dir: Path, generated: str) 
 
 # ---------------------------------------------------------------- Markdown
 
-_MARKDOWN_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*_[]|#"} | {"<": "&lt;", ">": "&gt;", "\n": " ", "\r": " "})
-
-
-def md(value) -> str:
-    """Text from the records, safe in a Markdown table cell."""
-    return str(value).translate(_MARKDOWN_SPECIAL)
-
-
 def md_table(frame: pd.DataFrame, columns: list[Column]) -> str:
-    lines = ["| " + " | ".join(md(c.header) for c in columns) + " |",
+    lines = ["| " + " | ".join(markdown_cell(c.header) for c in columns) + " |",
              "|" + "|".join(":--" if c.key in ("method", "family", "status", "task", "error") else "--:" for c in columns) + "|"]
     for row in frame.to_dict("records"):
-        cells = [md(c.text(row)) for c in columns]
+        cells = [markdown_cell(c.text(row)) for c in columns]
         if row.get("pareto"):  # bold the frontier's method, as the page highlights its row
             cells[1] = f"**{cells[1]}**"
         lines.append("| " + " | ".join(cells) + " |")
@@ -336,28 +319,26 @@ def md_table(frame: pd.DataFrame, columns: list[Column]) -> str:
 
 def render_markdown(summary: Summary, figures: dict, generated: str) -> str:
     h = summary.header
-    out = [f"## {md(h['suite'])}: which method, at what cost", ""]
-    out += [f"- **{md(k)}**: {md(v)}" for k, v in header_items(summary, generated)]
+    out = [f"## {markdown_cell(h['suite'])}: which method, at what cost", ""]
+    out += [f"- **{markdown_cell(k)}**: {markdown_cell(v)}" for k, v in header_items(summary, generated)]
     scope_title, front = glance(summary)
-    out += ["", f"**Pareto frontier, score vs peak memory ({md(scope_title)})**, cheapest first "
+    out += ["", f"**Pareto frontier, score vs peak memory ({markdown_cell(scope_title)})**, cheapest first "
             f"({FRONTIER_MARK} in the tables):", ""]
-    out += [f"{i}. **{md(m)}**: {md(what)}" for i, (m, what) in enumerate(front, 1)] or ["no finished method"]
+    out += [f"{i}. **{markdown_cell(m)}**: {markdown_cell(what)}" for i, (m, what) in enumerate(front, 1)] or ["no finished method"]
     out += ["", f"![{figures['pareto_memory']}](pareto_memory.png)", ""]
     if len(summary.overall):
         out += ["### Across tasks", "", md_table(summary.overall, overall_columns(summary)), ""]
     elif summary.average_note:
-        out += [md(summary.average_note), ""]
+        out += [markdown_cell(summary.average_note), ""]
     for task, frame in summary.per_task.groupby("task", sort=False):
-        out += [f"### {md(task)}", "", md_table(frame, task_columns(frame)), ""]
+        out += [f"### {markdown_cell(task)}", "", md_table(frame, task_columns(frame)), ""]
     out += ["### Costs", ""] + [f"![{figures[n]}]({n}.png)" for n in ("metric_vs_params", "metric_vs_throughput", "memory_breakdown")]
     failed = failed_cells(summary)
     if len(failed):
-        columns = [Column(k, k, lambda r, k=k: "—" if _missing(r[k]) else str(r[k]), lambda r, k=k: r[k])
-                   for k in ("task", "method", "seed", "status", "error")]
-        out += ["", "### Cells that did not finish", "", md_table(failed.assign(pareto=False), columns)]
+        out += ["", "### Cells that did not finish", "", md_table(failed.assign(pareto=False), failed_columns())]
     if summary.broken:
-        out += ["", f"{len(summary.broken)} unreadable files left out: " + md("; ".join(w for _, w in summary.broken))]
-    out += ["", "<details><summary>How to read the numbers</summary>", ""] + [f"- {md(n)}" for n in NOTES] + ["", "</details>", ""]
+        out += ["", f"{len(summary.broken)} unreadable files left out: " + markdown_cell("; ".join(w for _, w in summary.broken))]
+    out += ["", "<details><summary>How to read the numbers</summary>", ""] + [f"- {markdown_cell(n)}" for n in NOTES] + ["", "</details>", ""]
     return "\n".join(out)
 
 

@@ -27,6 +27,7 @@ import pandas as pd
 
 from harness import pareto, results
 from harness.errors import UserError
+from harness.formatting import is_missing
 
 # (column, label) in order of preference; the label says where a peak figure came from.
 PEAK_SOURCES = [("peak_gpu_allocated_bytes", "CUDA allocated"), ("nvml_peak_bytes", "NVML"),
@@ -53,7 +54,7 @@ def peak_memory(row) -> tuple[float, str | None]:
     """(bytes, source label) of the best peak-memory figure a cell has."""
     for column, label in PEAK_SOURCES:
         value = row.get(column)
-        if value is not None and not pd.isna(value):
+        if not is_missing(value):
             if column == "nvml_peak_bytes" and row.get("nvml_source") == "device_minus_baseline":
                 label = "NVML device"
             return float(value), label
@@ -102,7 +103,7 @@ def status_text(statuses) -> str:
 
 
 def _std(values) -> float:
-    values = [v for v in values if not pd.isna(v)]
+    values = [v for v in values if not is_missing(v)]
     return float(np.std(values, ddof=1)) if len(values) >= 2 else float("nan")
 
 
@@ -160,7 +161,7 @@ def aggregate_overall(per_task: pd.DataFrame, cells: pd.DataFrame) -> tuple[pd.D
     rows = []
     for method, group in per_task.groupby("method", sort=False):
         by_task = group.set_index("task")
-        complete = all(t in by_task.index and not pd.isna(by_task.loc[t, "metric_mean"]) for t in tasks)
+        complete = all(t in by_task.index and not is_missing(by_task.loc[t, "metric_mean"]) for t in tasks)
         mine = cells[(cells["method"] == method) & (cells["status"] == "ok")]
         per_seed = mine.pivot_table(index="seed", columns="task", values="metric", aggfunc="mean").reindex(columns=tasks)
         seed_averages = per_seed.dropna().mean(axis=1)
@@ -184,7 +185,7 @@ def aggregate_overall(per_task: pd.DataFrame, cells: pd.DataFrame) -> tuple[pd.D
 
 
 def _distinct(values) -> list[str]:
-    return sorted({str(v) for v in values if v not in (None, "") and not (isinstance(v, float) and np.isnan(v))})
+    return sorted({str(v) for v in values if not is_missing(v) and v != ""})
 
 
 def describe_run(records: list[dict]) -> dict:

@@ -201,7 +201,8 @@ def test_markdown_table(sides):
     text = compare.render_markdown(judge(base, cur))
     assert text.startswith("### Regression gate: FAIL")
     assert "| gate | outcome | cell | figure | baseline | current | change | tolerance |" in text
-    assert f"| FAIL | regressed | {LORA} | grad_bytes |" in text
+    # Markdown specials in the records are escaped as the report escapes them: shown as written
+    assert "| FAIL | regressed | sst2\\_\\_lora\\_\\_seed0 | grad\\_bytes |" in text
 
 
 def test_exported_baseline_file(sides, tmp_path):
@@ -273,3 +274,20 @@ def test_suite_gate_is_read_without_the_rest_of_the_suite(sides, tmp_path):
                             f"gate.from_suite({str(suite)!r}); print('torch' in sys.modules, 'harness.method' in sys.modules)"],
                            cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert probe.stdout.split() == ["False", "False"], probe.stdout + probe.stderr
+
+
+def test_markdown_shows_the_records_text_as_written(sides):
+    """A label with Markdown or HTML in it (a pipe would split the table's row) is escaped, never rendered."""
+    base, cur = sides
+    edit(cur, LORA, lambda r: r["measurements"].update(grad_bytes=r["measurements"]["grad_bytes"] * 2))
+    result = judge(base, cur)
+    result.findings[0].cell = "a|b <i>*x*</i>"
+    text = compare.render_markdown(result)
+    assert "| FAIL | regressed | a\\|b &lt;i&gt;\\*x\\*&lt;/i&gt; |" in text
+
+
+def test_bytes_are_shown_in_binary_units_with_two_decimals():
+    assert compare._show("memory", 512) == "512 B"
+    assert compare._show("memory", 1536) == "1.50 KiB"
+    assert compare._show("memory", 3 * 2**20 + 2**18) == "3.25 MiB"
+    assert compare._show("memory", 5 * 2**30) == "5.00 GiB"

@@ -74,3 +74,20 @@ def test_steps_are_the_frontier_sorted_by_cost_and_rising():
     steps = frontier_steps([0.7, 0.85, 0.8, 0.85, 0.6, 0.7], [100, 200, 300, 300, 200, 100])
     assert steps == [(100.0, 0.7), (200.0, 0.85)]  # the twin at (100, 0.7) is one corner
     assert all(b[1] > a[1] for a, b in zip(steps, steps[1:]))
+
+
+def test_the_figure_draws_this_staircase_in_its_own_units():
+    """plots.py draws pareto's staircase, here for a lower-is-better metric: x in MiB, y as recorded."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from harness import plots
+    frame = pd.DataFrame({"method": list("abcd"), "family": "PETL", "status": "ok", "metric_name": "mse",
+                          "higher_is_better": False, "peak_source": "modelled", "metric_std": float("nan"),
+                          "metric_mean": [0.30, 0.20, 0.25, 0.10], "peak_bytes": [2**20, 2 * 2**20, 3 * 2**20, 4 * 2**20]})
+    fig, ax = plt.subplots()
+    plots.scatter_panel(ax, "toy", frame, "peak_bytes", "peak memory", True, False)
+    [stairs] = [line for line in ax.lines if line.get_linestyle() == "--"]
+    # c (3 MiB, 0.25) is beaten by b (2 MiB, 0.20); the others are each the cheapest at their error
+    assert list(stairs.get_xdata()) == [1.0, 2.0, 4.0] and list(stairs.get_ydata()) == [0.30, 0.20, 0.10]
+    plt.close(fig)

@@ -17,6 +17,7 @@ import pytest
 
 from harness import cli, report, results, summary
 from harness.errors import UserError
+from harness.formatting import markdown_cell
 
 FIXTURE = Path(__file__).parent / "fixtures" / "report" / "results"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -223,7 +224,7 @@ def test_frontier_rows_are_highlighted_in_both_formats(written):
     for name in ("pareto_memory", "metric_vs_params", "metric_vs_throughput", "memory_breakdown"):
         assert f"]({name}.png)" in markdown
         assert (written / f"{name}.png").stat().st_size > 10_000 and (written / f"{name}.svg").is_file()
-    assert "**" + report.md(front["method"].iloc[0]) + "**" in markdown
+    assert "**" + markdown_cell(front["method"].iloc[0]) + "**" in markdown
 
 
 def test_header_says_what_was_run(written, frame):
