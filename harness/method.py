@@ -10,16 +10,29 @@ The contract, checked for every registered method by tests/test_contract.py:
   Hugging Face sequence-classification convention). Parameters left with
   `requires_grad=True` are what gets trained and counted.
 - `expected_trainable_params(model, task)` says, from the model's shapes alone
-  and before `apply`, how many parameters the method trains.
+  and before `apply`, how many parameters the method trains, on the model as it
+  stands (in a stack: as the earlier components left it). A method that adds
+  and freezes nothing declares `count_trainable(model)`: what is trainable when
+  it is applied (alone, every weight; after LoRA, LoRA's).
 - `activations_depend_on_values` is True if two batches of the same shape can
   make the method save different bytes for backward.
+- `set_run(run)`, called by the worker before `apply`, tells the method what the
+  harness knows of the run (`Run`: its number of optimizer steps). A method whose
+  schedule follows the run's length reads `self.run`; it is None when the method
+  is applied outside a harness run (a test, a notebook).
+
+A suite entry with `stack:` becomes a `Stack`, itself a Method (see its docstring
+for how the components' optimizer groups and declared counts combine); the worker
+builds one Stack for every cell and never asks how many components it has.
 """
 
+import copy
 import difflib
 import importlib
 import importlib.util
 import pkgutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -28,7 +41,16 @@ import torch
 from harness.errors import UserError
 
 FAMILIES = ("baseline", "PETL", "METL")
-_REGISTRY: dict[str, type["Method"]] = {}
+BUILTIN_PACKAGE = "methods."  # modules whose named Method classes make up the registry
+_REGISTRY: dict[str, type["Method"]] = {}  # name -> class, for the methods that ship in methods/
+_RESOLVED: dict[str, type["Method"]] = {}  # reference string -> class: each reference is resolved once per process
+_PLUGIN_MODULES: dict[str, Any] = {}  # plugin file (resolved path) or module name -> module, executed once
+
+
+@dataclass(frozen=True)
+class Run:
+    """What the harness knows, before `apply`, of the run a method is applied for."""
+    total_steps: int  # optimizer steps the training loop will take (harness.train.total_steps)
 
 
 class Method:
@@ -42,15 +64,20 @@ class Method:
     # True when what autograd saves can differ between two batches of one shape (it follows the
     # padding mask or sampled values): the meter then counts every step, not each shape once.
     activations_depend_on_values: ClassVar[bool] = False
+    run: Run | None = None  # set by set_run; None outside a harness run
 
     def __init_subclass__(cls, **kwargs):
+        """A named subclass in methods/ joins the registry; a plugin (any other module) is found by its
+        reference instead, and may not take a registered name. Either way one name, one class."""
         super().__init_subclass__(**kwargs)
         if "name" not in cls.__dict__:  # abstract intermediate classes stay out of the registry
             return
         if cls.family not in FAMILIES:
             raise TypeError(f"{cls.__name__}.family must be one of {FAMILIES}")
+        if not cls.__module__.startswith(BUILTIN_PACKAGE):
+            return
         other = _REGISTRY.get(cls.name)
-        if other is not None and other.__qualname__ != cls.__qualname__:
+        if other is not None and other is not cls:
             raise TypeError(f"method name '{cls.name}' is taken by {other.__module__}.{other.__qualname__}")
         _REGISTRY[cls.name] = cls
 
@@ -77,8 +104,87 @@ class Method:
         raise NotImplementedError
 
     def param_groups(self, model: torch.nn.Module, lr: float) -> list[dict]:
-        """Optimizer groups; override for methods with several learning rates."""
+        """Optimizer groups over the module `apply` returned; override for methods with several learning rates."""
         return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+
+    def set_run(self, run: Run) -> None:
+        """What the harness knows of the run, before `apply`; override only to pass it on."""
+        self.run = run
+
+    def attach(self, model: torch.nn.Module, task) -> tuple[torch.nn.Module, int]:
+        """`apply`, with the trainable count declared before it: what the worker calls."""
+        declared = self.expected_trainable_params(model, task)
+        return self.apply(model, task), declared
+
+
+class Stack(Method):
+    """Methods applied one after another, as one Method (not registered: a suite writes `stack:`).
+
+    - apply: each component's `apply` in order, on what the previous one returned.
+    - Declared count: each component's `expected_trainable_params` on the model as the previous
+      components left it; the stack declares what its last component declares. So a component that
+      adds and freezes nothing (mesa, tokentune) declares what the earlier ones made trainable.
+    - Optimizer groups: each trainable parameter belongs to the last component that made it trainable:
+      the first component owns whatever is trainable after it; a later one, the parameters it created
+      trainable or unfroze. Each component's `param_groups` is asked about the module its own `apply`
+      returned, and keeps, of each group, the parameters it owns; so DePT stacked with mesa keeps both
+      of DePT's learning rates (mesa owns nothing). A component that keeps trainable a parameter that
+      was trainable before it does not take it over. A trainable parameter no owner's group lists
+      trains at the cell's lr, in a group of its own.
+    - activations_depend_on_values: any component's.
+    A one-component stack is that component: same count, same groups.
+    """
+    family = "baseline"  # unused: a record's family comes from its components (results.stack_family)
+    description = "a stack of methods"
+
+    def __init__(self, components: list[Method]):
+        if not components:
+            raise ValueError("a stack needs at least one method")
+        self.components = list(components)
+        self.hparams = {}
+        self.activations_depend_on_values = any(c.activations_depend_on_values for c in self.components)
+        self._applied: list[tuple[Method, torch.nn.Module, set[int]]] | None = None
+
+    def set_run(self, run: Run) -> None:
+        super().set_run(run)
+        for component in self.components:
+            component.set_run(run)
+
+    def attach(self, model, task):
+        applied, trainable_before, declared = [], None, None
+        for component in self.components:
+            declared = component.expected_trainable_params(model, task)
+            model = component.apply(model, task)
+            trainable = {id(p) for p in model.parameters() if p.requires_grad}
+            applied.append((component, model, trainable if trainable_before is None else trainable - trainable_before))
+            trainable_before = trainable
+        self._applied = applied
+        return model, declared
+
+    def apply(self, model, task):
+        return self.attach(model, task)[0]
+
+    def expected_trainable_params(self, model, task):
+        """Before apply, on copies (the worker calls `attach` instead, which declares as it applies)."""
+        return Stack([copy.deepcopy(c) for c in self.components]).attach(copy.deepcopy(model), task)[1]
+
+    def param_groups(self, model, lr):
+        if self._applied is None:
+            raise RuntimeError("a stack's optimizer groups are known once it is applied")
+        owner = {}
+        for i, (_, _, owned) in enumerate(self._applied):
+            owner.update(dict.fromkeys(owned, i))  # a later component's claim wins
+        groups, placed = [], set()
+        for i, (component, output, _) in enumerate(self._applied):
+            for group in component.param_groups(output, lr):
+                params = [p for p in group["params"] if p.requires_grad and owner.get(id(p)) == i and id(p) not in placed]
+                placed.update(id(p) for p in params)
+                if params:
+                    groups.append({**group, "params": params})
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in placed]
+        if rest:
+            groups.append({"params": rest, "lr": lr})
+        return groups
 
 
 def _same_kind(value, default) -> bool:
@@ -102,11 +208,20 @@ def registry() -> dict[str, type[Method]]:
     """The methods that ship in `methods/`. A plugin is named by its module or file,
     so one a suite (or a test) has loaded never joins the listing or the README table."""
     _load_builtin_methods()
-    return {name: cls for name, cls in sorted(_REGISTRY.items()) if cls.__module__.startswith("methods.")}
+    return dict(sorted(_REGISTRY.items()))
 
 
 def resolve(ref: str, where: str) -> type[Method]:
-    """A registry name, `module:Class`, or `path/to/file.py[:Class]` -> the Method class."""
+    """A registry name, `module:Class`, or `path/to/file.py[:Class]` -> the Method class.
+    Each reference is resolved once per process, and a plugin's file or module executed once."""
+    target, colon, class_name = ref.partition(":")
+    key = f"{Path(target).resolve()}{colon}{class_name}" if target.endswith(".py") else ref  # a file, wherever run from
+    if key not in _RESOLVED:
+        _RESOLVED[key] = _resolve(ref, where)
+    return _RESOLVED[key]
+
+
+def _resolve(ref: str, where: str) -> type[Method]:
     if ":" not in ref and not ref.endswith(".py"):
         known = registry()
         if ref in known:
@@ -121,10 +236,13 @@ def resolve(ref: str, where: str) -> type[Method]:
             if not path.is_file():
                 problem = "is a folder, not a Python file" if path.is_dir() else "does not exist"
                 raise UserError(where, f"plugin file '{target}' {problem}", "give a path relative to where you run the harness")
-            spec = importlib.util.spec_from_file_location(f"harness_plugin_{path.stem}", path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = module
-            spec.loader.exec_module(module)
+            module = _PLUGIN_MODULES.get(str(path))
+            if module is None:
+                spec = importlib.util.spec_from_file_location(f"harness_plugin_{path.stem}", path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[spec.name] = module
+                spec.loader.exec_module(module)
+                _PLUGIN_MODULES[str(path)] = module
         else:
             module = importlib.import_module(target)
     except UserError:
@@ -140,6 +258,10 @@ def resolve(ref: str, where: str) -> type[Method]:
             raise UserError(where, f"plugin '{target}' defines {len(found)} methods", "name one as path.py:ClassName")
     if not (isinstance(cls, type) and issubclass(cls, Method) and "name" in cls.__dict__):
         raise UserError(where, f"'{ref}' is not a Method subclass with a name", "subclass harness.method.Method and set name")
+    builtin = registry().get(cls.name)
+    if builtin is not None and builtin is not cls:
+        raise UserError(where, f"plugin method name '{cls.name}' is taken by {builtin.__module__}.{builtin.__qualname__}",
+                        "give the plugin class another name")
     return cls
 
 
@@ -156,3 +278,8 @@ def freeze_all(model: torch.nn.Module) -> None:
 
 def count(params) -> int:
     return sum(p.numel() for p in params)
+
+
+def count_trainable(model: torch.nn.Module) -> int:
+    """What a method that adds and freezes nothing declares: the parameters trainable when it is applied."""
+    return count(p for p in model.parameters() if p.requires_grad)

@@ -23,10 +23,10 @@ import tqdm
 from harness import backbone, data, environment, results
 from harness.config import TrainSettings
 from harness.meter import Meter
-from harness.method import count, resolve
+from harness.method import Run, Stack, count, resolve
 from harness.metrics import METRICS
 from harness.tasks import TaskSpec
-from harness.train import Diverged, predict, train
+from harness.train import Diverged, predict, total_steps, train
 
 
 def pick_device(name: str) -> torch.device:
@@ -41,21 +41,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build(cell: dict, task: TaskSpec):
-    """Backbone with head, every method of the entry applied in order; (model, declared, optimizer groups,
-    whether the saved bytes can follow the values and not only the shapes)."""
+def build(cell: dict, task: TaskSpec, total_steps: int | None = None):
+    """Backbone with head and the entry's method applied (a Stack of its components, however many);
+    (model, declared trainable count, optimizer groups, whether the saved bytes can follow the values
+    and not only the shapes). `total_steps`, the run's length, is passed to the method before it applies."""
     model = backbone.load_model(cell["backbone"], task, cell["trust_remote_code"], cell.get("pooling", "auto"))
     settings = TrainSettings(**cell["train"])
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    methods = [resolve(c["ref"], f"cell {cell['label']}")(**c["hparams"]) for c in cell["method"]]
-    declared = methods[0].expected_trainable_params(model, task) if len(methods) == 1 else None
-    for method in methods:
-        model = method.apply(model, task)
-    groups = methods[-1].param_groups(model, cell["lr"]) if len(methods) == 1 else \
-        [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cell["lr"]}]
-    value_dependent = any(m.activations_depend_on_values for m in methods)
-    return model, declared, groups, value_dependent
+    method = Stack([resolve(c["ref"], f"cell {cell['label']}")(**c["hparams"]) for c in cell["method"]])
+    if total_steps is not None:
+        method.set_run(Run(total_steps=total_steps))
+    model, declared = method.attach(model, task)
+    return model, declared, method.param_groups(model, cell["lr"]), method.activations_depend_on_values
 
 
 def describe_methods(cell: dict) -> list[dict]:
@@ -80,11 +78,6 @@ def run_cell(cell: dict, data_dir: Path | None, device_name: str = "auto", progr
         record["method_info"] = describe_methods(cell)
         seed_everything(cell["seed"])
         tokenizer = backbone.load_tokenizer(cell["backbone"], cell["trust_remote_code"])
-        model, declared, groups, value_dependent = build(cell, task)
-        model.to(device)
-        record["params"] = {"trainable": count(p for p in model.parameters() if p.requires_grad),
-                            "total": count(model.parameters()), "declared_trainable": declared}
-
         train_frame = data.subset(data.load_split(task, task.train_split, data_dir), settings.max_train_samples)
         eval_frame = data.subset(data.load_split(task, task.eval_split, data_dir), settings.max_eval_samples)
         collate = data.make_collate(tokenizer, settings.padding, settings.max_seq_length)
@@ -95,6 +88,10 @@ def run_cell(cell: dict, data_dir: Path | None, device_name: str = "auto", progr
         eval_loader = torch.utils.data.DataLoader(
             data.Encoded(task, eval_frame, tokenizer, settings.max_seq_length), batch_size=settings.eval_batch_size,
             collate_fn=collate)
+        model, declared, groups, value_dependent = build(cell, task, total_steps(settings, len(train_loader)))
+        model.to(device)
+        record["params"] = {"trainable": count(p for p in model.parameters() if p.requires_grad),
+                            "total": count(model.parameters()), "declared_trainable": declared}
         record["measurements"]["setup_seconds"] = time.time() - started
 
         # per_shape counting is exact only where the shapes decide what is saved

@@ -16,8 +16,12 @@ Trainable and counted: all init_r triplets (masking zeroes singular values,
 it does not remove parameters) and the task head.
 Not back-propagated through: nothing is skipped.
 
-Tied to the data: the budget schedule needs the number of optimizer steps.
-Set `total_step` to the cell's max_steps (suites/petl.yaml does); `tinit` and
+Tied to the run: the budget schedule needs the number of optimizer steps.
+`total_step` defaults to null: the run's own step count, which the harness
+passes in before apply (`Method.set_run`), so a cell of 50 steps prunes over
+50 and one of 150 over 150; a number given overrides it. Applied outside a
+harness run (a test, a notebook) with no `total_step`, the schedule assumes
+FALLBACK_STEPS and warns. `tinit` and
 `tfinal`, the steps of warm-up before pruning starts and of training with the
 final budget, are given as fractions of it (0.15 and 0.45: the authors' RTE
 script uses 600 and 1800 of about 3,900 steps, SST-2 6,000 and 22,000 of
@@ -30,12 +34,15 @@ Departures from the paper: mask interval deltaT = 1 (the authors' RTE
 script; their SST-2 script uses 100 over a much longer run).
 """
 
+import warnings
 import weakref
 
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from methods._bert import LINEAR_PATHS, check_targets, linear_names
 from methods._peft import PeftMethod, head_names, modules
+
+FALLBACK_STEPS = 1000  # the schedule's length when neither total_step nor a harness run gives one
 
 
 class AdaLoRA(PeftMethod):
@@ -46,7 +53,7 @@ class AdaLoRA(PeftMethod):
     trains = "P, E, Q of SVD-form updates on all weight matrices + head"
     default_lr = 8e-4
     defaults = {"init_r": 12, "target_r": 8, "alpha": 16, "dropout": 0.0, "orth_reg_weight": 0.1,
-                "beta1": 0.85, "beta2": 0.85, "total_step": 1000, "tinit": 0.15, "tfinal": 0.45, "delta_t": 1,
+                "beta1": 0.85, "beta2": 0.85, "total_step": None, "tinit": 0.15, "tfinal": 0.45, "delta_t": 1,
                 "target_modules": list(LINEAR_PATHS)}
 
     def check_hparams(self):
@@ -54,18 +61,32 @@ class AdaLoRA(PeftMethod):
         check_targets(h["target_modules"])
         if not 1 <= h["target_r"] <= h["init_r"]:
             raise ValueError("need 1 <= target_r <= init_r")
-        if h["total_step"] < 1 or h["delta_t"] < 1:
-            raise ValueError("total_step and delta_t must be at least 1")
+        if h["total_step"] is not None and (not isinstance(h["total_step"], int) or isinstance(h["total_step"], bool)
+                                            or h["total_step"] < 1):
+            raise ValueError("total_step must be a whole number of steps, at least 1 (or null: the run's steps)")
+        if h["delta_t"] < 1:
+            raise ValueError("delta_t must be at least 1")
         if not (0 <= h["tinit"] and 0 <= h["tfinal"] and h["tinit"] + h["tfinal"] < 1):
             raise ValueError("tinit and tfinal are fractions of total_step; they must be >= 0 and sum to less than 1")
+
+    def total_step(self) -> int:
+        """The steps the budget schedule runs over: the hyperparameter if given, else the run's."""
+        if self.hparams["total_step"] is not None:
+            return self.hparams["total_step"]
+        if self.run is not None:
+            return self.run.total_steps
+        warnings.warn(f"adalora: no total_step and no harness run; the budget schedule assumes {FALLBACK_STEPS} steps",
+                      stacklevel=3)
+        return FALLBACK_STEPS
 
     def peft_config(self, model, task):
         from peft import AdaLoraConfig, TaskType
         h = self.hparams
+        total_step = self.total_step()
         return AdaLoraConfig(task_type=TaskType.SEQ_CLS, init_r=h["init_r"], target_r=h["target_r"], lora_alpha=h["alpha"],
                              lora_dropout=h["dropout"], orth_reg_weight=h["orth_reg_weight"], beta1=h["beta1"], beta2=h["beta2"],
-                             total_step=h["total_step"], tinit=int(h["tinit"] * h["total_step"]),
-                             tfinal=int(h["tfinal"] * h["total_step"]), deltaT=h["delta_t"],
+                             total_step=total_step, tinit=int(h["tinit"] * total_step),
+                             tfinal=int(h["tfinal"] * total_step), deltaT=h["delta_t"],
                              target_modules=linear_names(model, h["target_modules"], self.name),
                              modules_to_save=head_names(model))
 

@@ -36,7 +36,7 @@ Departures from the paper:
 - No custom CUDA kernels: quantisation is plain PyTorch, slower than Mesa's.
 """
 
-from harness.method import Method, count
+from harness.method import Method, count_trainable
 from methods._activation_compression import Policy, check_bits, install
 
 
@@ -64,4 +64,4 @@ class Mesa(Method):
         return model
 
     def expected_trainable_params(self, model, task):
-        return count(model.parameters())  # adds and freezes nothing: alone, every weight trains
+        return count_trainable(model)  # adds and freezes nothing: alone, every weight trains

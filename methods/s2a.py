@@ -39,7 +39,7 @@ Departures from the paper (its quantiser is only summarised as
   fine-tuning on every SDPA backend.
 """
 
-from harness.method import Method, count
+from harness.method import Method, count_trainable
 from methods._activation_compression import Policy, check_bits, install
 
 
@@ -67,4 +67,4 @@ class S2A(Method):
         return model
 
     def expected_trainable_params(self, model, task):
-        return count(model.parameters())  # adds and freezes nothing: alone, every weight trains
+        return count_trainable(model)  # adds and freezes nothing: alone, every weight trains

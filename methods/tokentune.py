@@ -48,7 +48,7 @@ import types
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
-from harness.method import Method, count
+from harness.method import Method, count_trainable
 
 
 def select_tokens(valid: torch.Tensor, fraction: float) -> tuple[torch.Tensor, int]:
@@ -185,4 +185,4 @@ class TokenTune(Method):
         return model
 
     def expected_trainable_params(self, model, task):
-        return count(model.parameters())  # adds and freezes nothing: alone, every weight trains
+        return count_trainable(model)  # adds and freezes nothing: alone, every weight trains

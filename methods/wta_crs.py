@@ -77,7 +77,7 @@ configs under seq2seq/configs/approx_linear/), and where this one departs:
 import torch
 import torch.nn.functional as F
 
-from harness.method import Method, count, head_parameters
+from harness.method import Method, count_trainable, head_parameters
 
 
 def sample_rows(x2d: torch.Tensor, k: int, valid: torch.Tensor | None = None):
@@ -201,4 +201,4 @@ class WTACRS(Method):
         return model
 
     def expected_trainable_params(self, model, task):
-        return count(model.parameters())  # adds and freezes nothing: alone, every parameter trains
+        return count_trainable(model)  # adds and freezes nothing: alone, every parameter trains
