@@ -177,11 +177,15 @@ def test_wta_crs_mask_travels_with_a_deep_copy():
     assert layer(model).wta_crs_valid is None, "the original's layers are not the copy's"
 
 
-def test_wta_crs_declares_every_parameter_from_shapes_alone():
+def test_wta_crs_declares_what_is_trainable_when_applied_and_changes_none_of_it():
+    """It adds and freezes nothing (the contract test checks apply against this declaration), so after a
+    method that froze the embeddings it declares exactly what that method left trainable."""
     model = tiny_bert(TASK)
-    total = sum(p.numel() for p in model.parameters())
-    model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
-    assert WTACRS().expected_trainable_params(model, TASK) == total, "not read from requires_grad"
+    frozen = model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    declared = WTACRS(skip=[]).expected_trainable_params(model, TASK)
+    assert declared == sum(p.numel() for p in model.parameters()) - frozen.numel()
+    model = WTACRS(skip=[]).apply(model, TASK)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == declared
     assert WTACRS.activations_depend_on_values, "saved bytes follow the mask: the meter counts every step"
 
 
