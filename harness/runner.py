@@ -16,9 +16,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from harness import backbone, data, results, worker
+from harness import backbone, code_version, data, results, worker
 from harness.config import Cell, Suite
 from harness.errors import UserError
+from harness.method import resolve
 
 # Outcomes of the configuration itself; others (failed, timeout, interrupted) come
 # from circumstances, and a rerun tries them again.
@@ -76,15 +77,27 @@ def locked(out_dir: Path):
         handle.close()
 
 
-def is_done(path: Path, cell: Cell) -> tuple[bool, str | None]:
-    """(skip?, note): a corrupt record is reported and rerun, never silently read."""
+def is_done(path: Path, cell: Cell, code: dict) -> tuple[bool, str | None]:
+    """(skip?, note): a corrupt record, or one that other code produced, is reported and rerun."""
     if not path.exists():
         return False, None
     try:
         record = results.read_record(path)
     except ValueError as exc:
         return False, f"corrupt record, rerunning: {exc}"
-    return record.get("config_hash") == cell.config_hash() and record["status"] in FINAL_STATUSES, None
+    if record.get("config_hash") != cell.config_hash() or record["status"] not in FINAL_STATUSES:
+        return False, None
+    changed = code_version.changed_files(record.get("code"), code)
+    if changed:
+        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        why = "its record names no code" if record.get("code") is None else f"code changed since its record ({shown})"
+        return False, f"{why}, rerunning"
+    return True, None
+
+
+def cell_code(cell: Cell) -> dict:
+    """The source files the cell's result depends on (harness.code_version), by hash."""
+    return code_version.cell_code(resolve(c.ref, f"cell {cell.key}") for c in cell.entry.components)
 
 
 def _terminate_as_interrupt(signum, frame):
@@ -98,10 +111,10 @@ def _worker_context():
     return ctx
 
 
-def run_cell_process(cell: Cell, path: Path, data_dir: Path | None, device: str) -> dict:
+def run_cell_process(cell: Cell, path: Path, data_dir: Path | None, device: str, code: dict) -> dict:
     """One worker process; records the outcomes the worker cannot (killed, timed out, interrupted)."""
-    job = {"cell": cell.to_dict(), "config_hash": cell.config_hash(), "device": device, "progress": sys.stderr.isatty(),
-           "data_dir": str(data_dir) if data_dir else None}
+    job = {"cell": cell.to_dict(), "config_hash": cell.config_hash(), "code": code, "device": device,
+           "progress": sys.stderr.isatty(), "data_dir": str(data_dir) if data_dir else None}
     started = time.time()
     proc = _worker_context().Process(target=worker.run_job, args=(job, str(path)), name=f"cell {cell.key}")
     proc.start()
@@ -119,7 +132,7 @@ def run_cell_process(cell: Cell, path: Path, data_dir: Path | None, device: str)
             if proc.exitcode is None:
                 proc.kill()
                 proc.join()
-        _write_outcome(cell, path, "interrupted", "stopped by the user (Ctrl-C or SIGTERM)", started)
+        _write_outcome(cell, path, "interrupted", "stopped by the user (Ctrl-C or SIGTERM)", started, code)
         raise
     if status is None and proc.exitcode != 0:
         killed = signal.Signals(-proc.exitcode).name if proc.exitcode < 0 else None
@@ -129,12 +142,13 @@ def run_cell_process(cell: Cell, path: Path, data_dir: Path | None, device: str)
         message = (f"worker killed by {killed}" + (" (the host's out-of-memory killer sends this)" if killed == "SIGKILL" else "")
                    if killed else f"worker exited with status {proc.exitcode}")
     if status is not None:
-        return _write_outcome(cell, path, status, message, started)
+        return _write_outcome(cell, path, status, message, started, code)
     return results.read_record(path)
 
 
-def _write_outcome(cell: Cell, path: Path, status: str, message: str, started: float) -> dict:
+def _write_outcome(cell: Cell, path: Path, status: str, message: str, started: float, code: dict) -> dict:
     record = {"schema_version": results.SCHEMA_VERSION, "cell": cell.to_dict(), "config_hash": cell.config_hash(),
+              "code": code,
               "status": status, "error": {"type": status, "message": message}, "metrics": {}, "params": {},
               "measurements": {"total_seconds": time.time() - started}, "env": {}}
     results.write_atomic(path, record)
@@ -168,7 +182,8 @@ def run_suite(suite: Suite, out_dir: Path, data_dir: Path | None, device: str = 
             for i, cell in enumerate(cells, 1):
                 path = out_dir / f"{cell.key}.json"
                 head = f"[{i}/{len(cells)}] {cell.task.name} / {cell.entry.label} / seed {cell.seed}"
-                done, note = is_done(path, cell)
+                code = cell_code(cell)
+                done, note = is_done(path, cell, code)
                 if note:
                     log(f"{head}: {note}")
                 if done and not fresh:
@@ -176,7 +191,7 @@ def run_suite(suite: Suite, out_dir: Path, data_dir: Path | None, device: str = 
                     log(f"{head}: already done ({record['status']}), skipped")
                 else:
                     log(f"{head} ...")
-                    record = run_cell_process(cell, path, data_dir, device)
+                    record = run_cell_process(cell, path, data_dir, device, code)
                     log(f"{head}: {summarize(record)}")
                 records.append(record)
     finally:

@@ -166,5 +166,5 @@ def run_job(job: dict, record_path: str) -> None:
         record = run_cell(job["cell"], Path(job["data_dir"]) if job["data_dir"] else None, job["device"], job["progress"])
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the runner records the cell
         raise SystemExit(130) from None
-    record["config_hash"] = job["config_hash"]
+    record["config_hash"], record["code"] = job["config_hash"], job["code"]
     results.write_atomic(Path(record_path), record)
