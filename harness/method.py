@@ -29,9 +29,7 @@ builds one Stack for every cell and never asks how many components it has.
 import copy
 import difflib
 import importlib
-import importlib.util
 import pkgutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -39,12 +37,12 @@ from typing import Any, ClassVar
 import torch
 
 from harness.errors import UserError
+from harness.plugins import import_target
 
 FAMILIES = ("baseline", "PETL", "METL")
 BUILTIN_PACKAGE = "methods."  # modules whose named Method classes make up the registry
 _REGISTRY: dict[str, type["Method"]] = {}  # name -> class, for the methods that ship in methods/
 _RESOLVED: dict[str, type["Method"]] = {}  # reference string -> class: each reference is resolved once per process
-_PLUGIN_MODULES: dict[str, Any] = {}  # plugin file (resolved path) or module name -> module, executed once
 
 
 @dataclass(frozen=True)
@@ -230,25 +228,7 @@ def _resolve(ref: str, where: str) -> type[Method]:
         fix = f"did you mean '{close[0]}'?" if close else "see `python -m harness list methods`, or name a plugin as module:Class"
         raise UserError(where, f"unknown method '{ref}'", fix)
     target, _, class_name = ref.partition(":")
-    try:
-        if target.endswith(".py"):
-            path = Path(target).resolve()
-            if not path.is_file():
-                problem = "is a folder, not a Python file" if path.is_dir() else "does not exist"
-                raise UserError(where, f"plugin file '{target}' {problem}", "give a path relative to where you run the harness")
-            module = _PLUGIN_MODULES.get(str(path))
-            if module is None:
-                spec = importlib.util.spec_from_file_location(f"harness_plugin_{path.stem}", path)
-                module = importlib.util.module_from_spec(spec)
-                sys.modules[spec.name] = module
-                spec.loader.exec_module(module)
-                _PLUGIN_MODULES[str(path)] = module
-        else:
-            module = importlib.import_module(target)
-    except UserError:
-        raise
-    except Exception as exc:  # the plugin's own import error, shown in one line
-        raise UserError(where, f"cannot import plugin '{target}': {type(exc).__name__}: {exc}", "check the module name and that it imports") from None
+    module = import_target(target, where)
     if class_name:
         cls = getattr(module, class_name, None)
     else:
