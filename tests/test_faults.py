@@ -26,7 +26,7 @@ from methods.full_finetune import FullFineTune
 
 class Misbehave(FullFineTune):
     name = "test_misbehave"
-    defaults = {"fault": "none"}
+    defaults = {"fault": "none", "seconds": 0.0}
 
     def apply(self, model, task):
         fault = self.hparams["fault"]
@@ -34,8 +34,9 @@ class Misbehave(FullFineTune):
             raise RuntimeError("boom in apply")
         if fault == "sigkill":
             os.kill(os.getpid(), signal.SIGKILL)
-        if fault == "sleep" and os.environ.get("TEST_FAULT_SLEEP"):
-            time.sleep(float(os.environ["TEST_FAULT_SLEEP"]))
+        if fault == "sleep":  # a run started with TEST_FAULT_SLEEP sleeps that long, else `seconds` (a fork server
+            # already warm in this process would not see the variable set later)
+            time.sleep(float(os.environ.get("TEST_FAULT_SLEEP", self.hparams["seconds"])))
         model = super().apply(model, task)
         if fault == "sleep_in_training" and os.environ.get("TEST_FAULT_MARKER"):
             def say_so_then_sleep(module):
@@ -94,15 +95,11 @@ def test_crash_diverged_and_timeout_are_recorded_and_the_suite_goes_on(tiny_suit
   - {method: PLUGIN, label: crash, hparams: {fault: raise}}
   - {method: PLUGIN, label: killed, hparams: {fault: sigkill}}
   - {method: full, label: diverge, lr: 1.0e+30, train: {max_grad_norm: null}}
-  - {method: PLUGIN, label: slow, hparams: {fault: sleep}, train: {time_limit_s: 1.0}}
+  - {method: PLUGIN, label: slow, hparams: {fault: sleep, seconds: 60.0}, train: {time_limit_s: 1.0}}
   - {method: PLUGIN, label: hog, hparams: {fault: hog}, train: {host_memory_limit_gb: 8}}
   - {method: full, label: fine}""")
     out = tmp_path / "out"
-    os.environ["TEST_FAULT_SLEEP"] = "60"
-    try:
-        assert main(["run", str(suite), "--out", str(out), "--data-dir", str(data_dir), "--no-report"]) == 1
-    finally:
-        del os.environ["TEST_FAULT_SLEEP"]
+    assert main(["run", str(suite), "--out", str(out), "--data-dir", str(data_dir), "--no-report"]) == 1
     crash = record(out, "crash")
     assert crash["status"] == "failed" and "boom in apply" in crash["error"]["message"]
     assert "RuntimeError" in crash["error"]["traceback_tail"]
