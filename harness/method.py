@@ -13,7 +13,7 @@ The contract, checked for every registered method by tests/test_contract.py:
   and before `apply`, how many parameters the method trains, on the model as it
   stands (in a stack: as the earlier components left it). A method that adds
   and freezes nothing declares `count_trainable(model)`: what is trainable when
-  it is applied (alone, every weight; after LoRA, LoRA's).
+  it is applied (alone, every weight; after an adapter method, that method's).
 - `activations_depend_on_values` is True if two batches of the same shape can
   make the method save different bytes for backward.
 - `set_run(run)`, called by the worker before `apply`, tells the method what the
@@ -121,12 +121,12 @@ class Stack(Method):
     - apply: each component's `apply` in order, on what the previous one returned.
     - Declared count: each component's `expected_trainable_params` on the model as the previous
       components left it; the stack declares what its last component declares. So a component that
-      adds and freezes nothing (mesa, tokentune) declares what the earlier ones made trainable.
+      adds and freezes nothing (activation compression, say) declares what the earlier ones made trainable.
     - Optimizer groups: each trainable parameter belongs to the last component that made it trainable:
       the first component owns whatever is trainable after it; a later one, the parameters it created
       trainable or unfroze. Each component's `param_groups` is asked about the module its own `apply`
-      returned, and keeps, of each group, the parameters it owns; so DePT stacked with mesa keeps both
-      of DePT's learning rates (mesa owns nothing). A component that keeps trainable a parameter that
+      returned, and keeps, of each group, the parameters it owns; so a method with two learning rates
+      keeps both when stacked with one that adds nothing (which owns nothing). A component that keeps trainable a parameter that
       was trainable before it does not take it over. A trainable parameter no owner's group lists
       trains at the cell's lr, in a group of its own.
     - activations_depend_on_values: any component's.
