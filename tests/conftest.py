@@ -44,6 +44,23 @@ def tiny_bert(task: TaskSpec, seed: int = 0):
     return BertForSequenceClassification(config)
 
 
+def no_dropout(model):
+    """Dropout off, so two runs of the same model can be compared number for number."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared CPU their spinning costs seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def toy_batch(task: TaskSpec, n: int = 8, length: int = 12, seed: int = 0) -> dict:
     """Random tokens, except that the first token carries the label, so there is something to learn."""
     g = torch.Generator().manual_seed(seed)

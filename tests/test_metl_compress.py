@@ -15,27 +15,13 @@ from methods.s2a import S2A
 from methods.tokentune import TokenTune, select_tokens
 from methods.velora import VeLoRA
 from methods.wta_crs import SampledLinear, WTACRS, sample_rows
-from tests.conftest import tiny_bert, toy_batch, toy_task
+from tests.conftest import no_dropout, tiny_bert, toy_batch, toy_task
 
 TASK = toy_task(2)
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU their spinning costs seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def no_dropout(model):
-    """Dropout off, so two runs of the same model can be compared number for number."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    return model
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def step(model, batch):

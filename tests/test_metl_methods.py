@@ -12,25 +12,12 @@ import methods.wta_crs as wta_crs
 from methods.unipt import UniPT
 from methods.vqt import VisualQueryTuning
 from methods.wta_crs import WTACRS, SampledLinear, sample_rows
-from tests.conftest import tiny_bert, toy_task
+from tests.conftest import no_dropout, tiny_bert, toy_task
 
 TASK = toy_task(2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU their spinning costs seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def no_dropout(model):
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    return model
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def padded_batch(lengths, length, seed=0):
