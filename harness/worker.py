@@ -9,6 +9,7 @@ diverged) is written as a record with the figures known up to then.
 
 import random
 import resource
+import signal
 import threading
 import time
 import traceback
@@ -165,6 +166,9 @@ def run_job(job: dict, record_path: str) -> None:
     try:
         record = run_cell(job["cell"], Path(job["data_dir"]) if job["data_dir"] else None, job["device"], job["progress"])
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the runner records the cell
+        # The runner forwards the interrupt too (SIGTERM reaches it alone); a second SIGINT arriving while
+        # this process exits would raise inside multiprocessing's exit handlers and print their traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise SystemExit(130) from None
     record["config_hash"], record["code"] = job["config_hash"], job["code"]
     results.write_atomic(Path(record_path), record)
