@@ -9,7 +9,6 @@ fails the gate too, since the gate can no longer vouch for it; a cell new in
 the current run is reported and passes (refresh the baseline to gate it).
 """
 
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,52 +18,12 @@ from harness import gate, results
 from harness.errors import UserError
 from harness.formatting import format_bytes, is_missing, markdown_cell
 
-EXPORT_KIND = "harness-baseline"  # marks a baseline file written by `export`
-
 REGRESSED, IMPROVED, UNCHANGED = "regressed", "improved", "unchanged"
 STATUS_CHANGED, MISSING_IN_BASELINE, MISSING_IN_CURRENT = "status-changed", "missing-in-baseline", "missing-in-current"
 OUTCOMES = (REGRESSED, STATUS_CHANGED, MISSING_IN_CURRENT, IMPROVED, MISSING_IN_BASELINE, UNCHANGED)
 
 
 # ---------------------------------------------------------------- loading
-
-def read_records(path: str | Path) -> list[dict]:
-    """The records of a results directory or of an exported baseline file; any unreadable one is a UserError."""
-    path = Path(path)
-    if path.is_dir():
-        found = results.scan(path)
-        if found.broken:
-            bad, why = found.broken[0]
-            raise UserError(str(bad), why.removeprefix(f"{bad}: "), "rerun that cell, or move the file out of the results directory")
-        records = found.records
-    elif path.is_file():
-        records = _read_export(path)
-    else:
-        raise UserError(str(path), "no such results directory or baseline file",
-                        "give a directory written by `harness run` or a file written by `harness export`")
-    if not records:
-        raise UserError(str(path), "holds no result records", "run a suite into it first: python -m harness run SUITE --out DIR")
-    return records
-
-
-def _read_export(path: Path) -> list[dict]:
-    fix = "write a baseline file with: python -m harness export RESULTS_DIR FILE"
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(str(path), f"not valid JSON ({exc})", fix) from None
-    if not isinstance(data, dict) or data.get("kind") != EXPORT_KIND or not isinstance(data.get("records"), list):
-        raise UserError(str(path), "not a baseline file", fix)
-    for i, record in enumerate(data["records"]):
-        if not results.is_record(record):
-            raise UserError(f"{path}: records[{i}]", f"not a result record of schema {results.SCHEMA_VERSION}", fix)
-    return data["records"]
-
-
-def cell_name(key: tuple) -> str:
-    task, label, seed = key
-    return f"{task}__{label}__seed{seed}"  # the record's file name in a results directory
-
 
 def index(records: list[dict], where: str) -> dict[tuple, dict]:
     """Flat rows (results.to_row) keyed by (task, method label, seed)."""
@@ -73,18 +32,16 @@ def index(records: list[dict], where: str) -> dict[tuple, dict]:
         row = results.to_row(record)
         key = (row["task"], row["method"], row["seed"])
         if key in rows:
-            raise UserError(where, f"two records for cell {cell_name(key)}", "compare one suite's results directory at a time")
+            raise UserError(where, f"two records for cell {results.cell_key(*key)}", "compare one suite's results directory at a time")
         rows[key] = row
     return rows
 
 
 def export(results_dir: str | Path, out_file: str | Path) -> int:
     """Write every record of `results_dir` into one baseline file; returns how many."""
-    records = read_records(results_dir)
+    records = results.read_records(results_dir)
     index(records, str(results_dir))  # refuses duplicate cells, as compare would
-    # scan() reads files in name order, so a refreshed baseline file diffs cleanly against the old one
-    results.write_atomic(Path(out_file), {"kind": EXPORT_KIND, "source": str(results_dir),
-                                          "records": [{k: v for k, v in r.items() if k != "_path"} for r in records]})
+    results.write_export(records, results_dir, Path(out_file))
     return len(records)
 
 
@@ -227,12 +184,12 @@ def version_changes(base_records: list[dict], cur_records: list[dict]) -> list[s
 
 def compare(baseline: str | Path, current: str | Path, settings: dict) -> Comparison:
     """Judge every cell of `current` against `baseline` under resolved gate settings (gate.resolve)."""
-    base_records, cur_records = read_records(baseline), read_records(current)
+    base_records, cur_records = results.read_records(baseline), results.read_records(current)
     base_rows = index(base_records, str(baseline))
     cur_rows = index(cur_records, str(current))
     result = Comparison(str(baseline), str(current), settings, version_changes=version_changes(base_records, cur_records))
     for key in sorted(base_rows.keys() | cur_rows.keys(), key=lambda k: (k[0], k[1], k[2])):
-        name = cell_name(key)
+        name = results.cell_key(*key)
         result.cells[name] = _judge_cell(result, name, base_rows.get(key), cur_rows.get(key))
     result.findings.sort(key=lambda f: not f.fails)  # failures first; stable, so cell and figure order stay
     return result

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import backbone as backbones
+from harness import results
 from harness.errors import UserError
 from harness.gate import parse_settings as parse_gate
 from harness.method import resolve as resolve_method
@@ -73,6 +74,10 @@ class TrainSettings:
         if self.micro_batch_size and self.batch_size % self.micro_batch_size:
             raise ValueError(f"micro_batch_size: {self.micro_batch_size} does not divide batch_size {self.batch_size}")
 
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainSettings":
+        return cls(**values)
+
 
 @dataclass(frozen=True)
 class Component:
@@ -102,7 +107,7 @@ class Cell:
 
     @property
     def key(self) -> str:
-        return f"{self.task.name}__{self.entry.label}__seed{self.seed}"
+        return results.cell_key(self.task.name, self.entry.label, self.seed)
 
     def to_dict(self) -> dict:
         return {
@@ -112,6 +117,16 @@ class Cell:
             "backbone_description": backbones.describe(self.backbone), "trust_remote_code": self.trust_remote_code,
             "pooling": self.pooling,
         }
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Cell":
+        """The inverse of `to_dict`, as a worker process or a reader of records needs it. The entry's
+        train overrides come back already merged into `train`, which is all a cell uses of them."""
+        components = tuple(Component(c["ref"], c["hparams"]) for c in values["method"])
+        return cls(suite=values["suite"], task=TaskSpec.from_dict(values["task"]),
+                   entry=MethodEntry(values["label"], components, values["lr"]), seed=values["seed"],
+                   train=TrainSettings.from_dict(values["train"]), backbone=values["backbone"],
+                   trust_remote_code=values["trust_remote_code"], pooling=values["pooling"])
 
     def config_hash(self) -> str:
         """Identity of the work: a finished record with the same hash need not run again."""

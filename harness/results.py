@@ -1,18 +1,26 @@
-"""Result records: one JSON file per cell, written atomically, loaded as a DataFrame.
+"""Result records: made by one constructor, one JSON file per cell, written atomically, read only here.
 
-A record is written to a temporary file in the same folder, fsync'd and then
+`new_record` is the only place a record's sections are spelled; the worker fills
+one in, the runner writes one for outcomes a worker does not live to write. A
+record is written to a temporary file in the same folder, fsync'd and then
 renamed over its final name, so a reader sees the old record or the new one,
 never half of one. `load` refuses nothing silently: unreadable files are
-reported through `scan`, which the runner uses to rerun them.
+reported through `scan`, which the runner uses to rerun them. A baseline file
+(`harness export`) holds many records in one file; `read_records` reads either form.
 """
 
 import json
 import os
 import tempfile
+import time
+import warnings
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
+
+from harness.errors import UserError
 
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "failed", "oom", "diverged", "timeout", "interrupted")
@@ -24,6 +32,30 @@ CORE_COLUMNS = ["suite", "task", "method", "seed", "status", "metric_name", "met
 MEMORY_COLUMNS = ["peak_gpu_allocated_bytes", "peak_gpu_reserved_bytes", "nvml_peak_bytes", "activation_bytes",
                   "frozen_param_bytes", "trainable_param_bytes", "grad_bytes", "optimizer_bytes", "modelled_peak_bytes",
                   "peak_rss_bytes", "train_samples_per_s", "train_tokens_per_s", "step_time_median_s", "step_time_p90_s"]
+
+
+def cell_key(task: str, label: str, seed: int) -> str:
+    """A cell's name: its record's file stem in a results directory, and what compare matches cells by."""
+    return f"{task}__{label}__seed{seed}"
+
+
+def new_record(cell: dict, *, config_hash: str, code: dict, method_info: list[dict], started: float) -> dict:
+    """The one constructor of records: every section present, empty until the run fills it in. The worker
+    starts from it; the runner too, for the outcomes a worker does not live to write (killed, timed out,
+    interrupted). `code` and `method_info` say what produced the record, so readers need not import it."""
+    return {"schema_version": SCHEMA_VERSION, "cell": cell, "config_hash": config_hash, "code": code,
+            "method_info": method_info, "status": "failed", "error": None, "metrics": {}, "params": {},
+            "measurements": {}, "train": {}, "env": {}, "started_at": _timestamp(started)}
+
+
+def finish(record: dict, started: float) -> dict:
+    record["measurements"]["total_seconds"] = time.time() - started
+    record["finished_at"] = _timestamp(time.time())
+    return record
+
+
+def _timestamp(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
 
 
 def write_atomic(path: Path, data: dict) -> None:
@@ -128,6 +160,50 @@ def load(directory: str | Path, *, strict: bool = False) -> pd.DataFrame:
         message = "; ".join(why for _, why in found.broken)
         if strict:
             raise ValueError(message)
-        import warnings
         warnings.warn(f"skipped unreadable result files: {message}", stacklevel=2)
     return to_frame(found.records)
+
+
+# ---------------------------------------------------------------- baseline files (`harness export`)
+
+EXPORT_KIND = "harness-baseline"  # marks a baseline file written by `export`
+
+
+def write_export(records: list[dict], source: str | Path, out_file: Path) -> None:
+    """Many records in one file, the form a committed baseline takes. `scan` reads files in name order,
+    so a refreshed baseline file diffs cleanly against the old one."""
+    write_atomic(out_file, {"kind": EXPORT_KIND, "source": str(source),
+                            "records": [{k: v for k, v in r.items() if k != "_path"} for r in records]})
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """The records of a results directory or of a baseline file; any unreadable one is a UserError."""
+    path = Path(path)
+    if path.is_dir():
+        found = scan(path)
+        if found.broken:
+            bad, why = found.broken[0]
+            raise UserError(str(bad), why.removeprefix(f"{bad}: "), "rerun that cell, or move the file out of the results directory")
+        records = found.records
+    elif path.is_file():
+        records = _read_export(path)
+    else:
+        raise UserError(str(path), "no such results directory or baseline file",
+                        "give a directory written by `harness run` or a file written by `harness export`")
+    if not records:
+        raise UserError(str(path), "holds no result records", "run a suite into it first: python -m harness run SUITE --out DIR")
+    return records
+
+
+def _read_export(path: Path) -> list[dict]:
+    fix = "write a baseline file with: python -m harness export RESULTS_DIR FILE"
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(str(path), f"not valid JSON ({exc})", fix) from None
+    if not isinstance(data, dict) or data.get("kind") != EXPORT_KIND or not isinstance(data.get("records"), list):
+        raise UserError(str(path), "not a baseline file", fix)
+    for i, record in enumerate(data["records"]):
+        if not is_record(record):
+            raise UserError(f"{path}: records[{i}]", f"not a result record of schema {SCHEMA_VERSION}", fix)
+    return data["records"]

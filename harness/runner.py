@@ -19,7 +19,6 @@ from pathlib import Path
 from harness import backbone, code_version, data, results, worker
 from harness.config import Cell, Suite
 from harness.errors import UserError
-from harness.method import resolve
 
 # Outcomes of the configuration itself; others (failed, timeout, interrupted) come
 # from circumstances, and a rerun tries them again.
@@ -95,11 +94,6 @@ def is_done(path: Path, cell: Cell, code: dict) -> tuple[bool, str | None]:
     return True, None
 
 
-def cell_code(cell: Cell) -> dict:
-    """The source files the cell's result depends on (harness.code_version), by hash."""
-    return code_version.cell_code(resolve(c.ref, f"cell {cell.key}") for c in cell.entry.components)
-
-
 def _terminate_as_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -111,10 +105,11 @@ def _worker_context():
     return ctx
 
 
-def run_cell_process(cell: Cell, path: Path, data_dir: Path | None, device: str, code: dict) -> dict:
-    """One worker process; records the outcomes the worker cannot (killed, timed out, interrupted)."""
-    job = {"cell": cell.to_dict(), "config_hash": cell.config_hash(), "code": code, "device": device,
-           "progress": sys.stderr.isatty(), "data_dir": str(data_dir) if data_dir else None}
+def run_cell_process(cell: Cell, path: Path, data_dir: Path | None, device: str, known: dict) -> dict:
+    """One worker process; records the outcomes the worker cannot (killed, timed out, interrupted).
+    `known` is the cell's provenance (worker.provenance), computed once, when the runner decided to run it."""
+    job = {"cell": cell.to_dict(), "provenance": known, "device": device, "progress": sys.stderr.isatty(),
+           "data_dir": str(data_dir) if data_dir else None}
     started = time.time()
     proc = _worker_context().Process(target=worker.run_job, args=(job, str(path)), name=f"cell {cell.key}")
     proc.start()
@@ -132,7 +127,7 @@ def run_cell_process(cell: Cell, path: Path, data_dir: Path | None, device: str,
             if proc.exitcode is None:
                 proc.kill()
                 proc.join()
-        _write_outcome(cell, path, "interrupted", "stopped by the user (Ctrl-C or SIGTERM)", started, code)
+        _write_outcome(cell, path, known, "interrupted", "stopped by the user (Ctrl-C or SIGTERM)", started)
         raise
     if status is None and proc.exitcode != 0:
         killed = signal.Signals(-proc.exitcode).name if proc.exitcode < 0 else None
@@ -142,16 +137,14 @@ def run_cell_process(cell: Cell, path: Path, data_dir: Path | None, device: str,
         message = (f"worker killed by {killed}" + (" (the host's out-of-memory killer sends this)" if killed == "SIGKILL" else "")
                    if killed else f"worker exited with status {proc.exitcode}")
     if status is not None:
-        return _write_outcome(cell, path, status, message, started, code)
+        return _write_outcome(cell, path, known, status, message, started)
     return results.read_record(path)
 
 
-def _write_outcome(cell: Cell, path: Path, status: str, message: str, started: float, code: dict) -> dict:
-    record = {"schema_version": results.SCHEMA_VERSION, "cell": cell.to_dict(), "config_hash": cell.config_hash(),
-              "code": code,
-              "status": status, "error": {"type": status, "message": message}, "metrics": {}, "params": {},
-              "measurements": {"total_seconds": time.time() - started}, "env": {}}
-    results.write_atomic(path, record)
+def _write_outcome(cell: Cell, path: Path, known: dict, status: str, message: str, started: float) -> dict:
+    record = results.new_record(cell.to_dict(), **known, started=started)
+    record.update(status=status, error={"type": status, "message": message})
+    results.write_atomic(path, results.finish(record, started))
     return record
 
 
@@ -182,8 +175,8 @@ def run_suite(suite: Suite, out_dir: Path, data_dir: Path | None, device: str = 
             for i, cell in enumerate(cells, 1):
                 path = out_dir / f"{cell.key}.json"
                 head = f"[{i}/{len(cells)}] {cell.task.name} / {cell.entry.label} / seed {cell.seed}"
-                code = cell_code(cell)
-                done, note = is_done(path, cell, code)
+                known = worker.provenance(cell)
+                done, note = is_done(path, cell, known["code"])
                 if note:
                     log(f"{head}: {note}")
                 if done and not fresh:
@@ -191,7 +184,7 @@ def run_suite(suite: Suite, out_dir: Path, data_dir: Path | None, device: str = 
                     log(f"{head}: already done ({record['status']}), skipped")
                 else:
                     log(f"{head} ...")
-                    record = run_cell_process(cell, path, data_dir, device, code)
+                    record = run_cell_process(cell, path, data_dir, device, known)
                     log(f"{head}: {summarize(record)}")
                 records.append(record)
     finally:

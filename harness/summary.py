@@ -78,10 +78,7 @@ def summarize(directory: str | Path) -> Summary:
 
 def prepare_cells(frame: pd.DataFrame) -> pd.DataFrame:
     frame = frame.copy()
-    # Records the worker never finished (killed, timed out) carry no method_info; the
-    # same method stack elsewhere in the run does.
-    known = frame.dropna(subset=["family"]).groupby("method_stack")["family"].first()
-    frame["family"] = frame["family"].fillna(frame["method_stack"].map(known)).fillna("unknown")
+    frame["family"] = frame["family"].fillna("unknown")  # records written before they carried method_info
     peaks = [peak_memory(row) for row in frame.to_dict("records")]
     frame["peak_bytes"] = [p for p, _ in peaks]
     frame["peak_source"] = [s for _, s in peaks]

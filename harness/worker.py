@@ -14,19 +14,17 @@ import threading
 import time
 import traceback
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 import tqdm
 
-from harness import backbone, data, environment, results
-from harness.config import TrainSettings
+from harness import backbone, code_version, data, environment, results
+from harness.config import Cell
 from harness.meter import Meter
 from harness.method import Run, Stack, count, resolve
 from harness.metrics import METRICS
-from harness.tasks import TaskSpec
 from harness.train import Diverged, predict, total_steps, train
 
 
@@ -42,54 +40,53 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build(cell: dict, task: TaskSpec, total_steps: int | None = None):
+def build(cell: Cell, total_steps: int | None = None):
     """Backbone with head and the entry's method applied (a Stack of its components, however many);
     (model, declared trainable count, optimizer groups, whether the saved bytes can follow the values
     and not only the shapes). `total_steps`, the run's length, is passed to the method before it applies."""
-    model = backbone.load_model(cell["backbone"], task, cell["trust_remote_code"], cell.get("pooling", "auto"))
-    settings = TrainSettings(**cell["train"])
-    if settings.gradient_checkpointing:
+    model = backbone.load_model(cell.backbone, cell.task, cell.trust_remote_code, cell.pooling)
+    if cell.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    method = Stack([resolve(c["ref"], f"cell {cell['label']}")(**c["hparams"]) for c in cell["method"]])
+    method = Stack([resolve(c.ref, f"cell {cell.entry.label}")(**c.hparams) for c in cell.entry.components])
     if total_steps is not None:
         method.set_run(Run(total_steps=total_steps))
-    model, declared = method.attach(model, task)
-    return model, declared, method.param_groups(model, cell["lr"]), method.activations_depend_on_values
+    model, declared = method.attach(model, cell.task)
+    return model, declared, method.param_groups(model, cell.entry.lr), method.activations_depend_on_values
 
 
-def describe_methods(cell: dict) -> list[dict]:
-    """What each component of the stack is, so that readers of the record need not import methods."""
-    classes = [resolve(c["ref"], f"cell {cell['label']}") for c in cell["method"]]
-    return [{"ref": c["ref"], "name": cls.name, "family": cls.family, "description": cls.description}
-            for c, cls in zip(cell["method"], classes)]
+def provenance(cell: Cell) -> dict:
+    """What a cell's record says produced it: its settings' hash, the source files its result depends on
+    (harness.code_version), and what each method of its stack is, so that readers need not import methods."""
+    classes = [resolve(c.ref, f"cell {cell.entry.label}") for c in cell.entry.components]
+    return {"config_hash": cell.config_hash(), "code": code_version.cell_code(classes),
+            "method_info": [{"ref": c.ref, "name": cls.name, "family": cls.family, "description": cls.description}
+                            for c, cls in zip(cell.entry.components, classes)]}
 
 
-def run_cell(cell: dict, data_dir: Path | None, device_name: str = "auto", progress: bool = True) -> dict:
+def run_cell(cell: Cell, data_dir: Path | None, device_name: str = "auto", progress: bool = True,
+             known: dict | None = None) -> dict:
+    """Train and evaluate one cell here; its record, whatever the outcome. `known` is the cell's
+    `provenance`, as the runner computed it when it decided to run the cell."""
     started = time.time()
     device = pick_device(device_name)
-    record = {"schema_version": results.SCHEMA_VERSION, "cell": cell, "status": "failed", "error": None,
-              "metrics": {}, "params": {}, "measurements": {}, "train": {},
-              "env": environment.describe(device), "started_at": _now()}
+    record = results.new_record(cell.to_dict(), **(known or provenance(cell)), started=started)
+    record["env"] = environment.describe(device)
+    task, settings = cell.task, cell.train
     meter = None
     try:
-        task = TaskSpec(**{**cell["task"], "text_columns": tuple(cell["task"]["text_columns"]),
-                           "metrics": tuple(cell["task"]["metrics"]),
-                           "hub": tuple(cell["task"]["hub"]) if cell["task"]["hub"] else None})
-        settings = TrainSettings(**cell["train"])
-        record["method_info"] = describe_methods(cell)
-        seed_everything(cell["seed"])
-        tokenizer = backbone.load_tokenizer(cell["backbone"], cell["trust_remote_code"])
+        seed_everything(cell.seed)
+        tokenizer = backbone.load_tokenizer(cell.backbone, cell.trust_remote_code)
         train_frame = data.subset(data.load_split(task, task.train_split, data_dir), settings.max_train_samples)
         eval_frame = data.subset(data.load_split(task, task.eval_split, data_dir), settings.max_eval_samples)
         collate = data.make_collate(tokenizer, settings.padding, settings.max_seq_length)
-        generator = torch.Generator().manual_seed(cell["seed"])
+        generator = torch.Generator().manual_seed(cell.seed)
         train_loader = torch.utils.data.DataLoader(
             data.Encoded(task, train_frame, tokenizer, settings.max_seq_length), batch_size=settings.batch_size,
             shuffle=True, generator=generator, collate_fn=collate, drop_last=len(train_frame) > settings.batch_size)
         eval_loader = torch.utils.data.DataLoader(
             data.Encoded(task, eval_frame, tokenizer, settings.max_seq_length), batch_size=settings.eval_batch_size,
             collate_fn=collate)
-        model, declared, groups, value_dependent = build(cell, task, total_steps(settings, len(train_loader)))
+        model, declared, groups, value_dependent = build(cell, total_steps(settings, len(train_loader)))
         model.to(device)
         record["params"] = {"trainable": count(p for p in model.parameters() if p.requires_grad),
                             "total": count(model.parameters()), "declared_trainable": declared}
@@ -117,8 +114,7 @@ def run_cell(cell: dict, data_dir: Path | None, device_name: str = "auto", progr
             record["measurements"].update(meter.summary())
             if "eval_seconds" in record["measurements"] and record["status"] == "ok":
                 record["measurements"]["eval_samples_per_s"] = n / record["measurements"]["eval_seconds"]
-        record["measurements"]["total_seconds"] = time.time() - started
-        record["finished_at"] = _now()
+        results.finish(record, started)
     return record
 
 
@@ -146,10 +142,6 @@ def _error(exc: BaseException) -> dict:
             "traceback_tail": "".join(tail)[-4000:]}
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 # Imported once by the fork server, so that each cell's process starts warm.
 PRELOAD = ["harness.worker", "harness.method", "transformers.models.auto.modeling_auto",
            "transformers.models.auto.tokenization_auto", "transformers.models.bert.modeling_bert", "peft"]
@@ -164,11 +156,11 @@ def run_job(job: dict, record_path: str) -> None:
     tqdm.tqdm.set_lock(threading.RLock())
     limit_host_memory(job["cell"]["train"].get("host_memory_limit_gb"))
     try:
-        record = run_cell(job["cell"], Path(job["data_dir"]) if job["data_dir"] else None, job["device"], job["progress"])
+        record = run_cell(Cell.from_dict(job["cell"]), Path(job["data_dir"]) if job["data_dir"] else None, job["device"],
+                          job["progress"], job["provenance"])
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the runner records the cell
         # The runner forwards the interrupt too (SIGTERM reaches it alone); a second SIGINT arriving while
         # this process exits would raise inside multiprocessing's exit handlers and print their traceback.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise SystemExit(130) from None
-    record["config_hash"], record["code"] = job["config_hash"], job["code"]
     results.write_atomic(Path(record_path), record)

@@ -105,6 +105,9 @@ def test_crash_diverged_and_timeout_are_recorded_and_the_suite_goes_on(tiny_suit
     assert "RuntimeError" in crash["error"]["traceback_tail"]
     killed = record(out, "killed")
     assert killed["status"] == "failed" and "SIGKILL" in killed["error"]["message"]
+    # The runner's record of a killed cell is built like the worker's: every section, and what produced it.
+    assert set(killed) == set(record(out, "fine"))
+    assert killed["method_info"] == crash["method_info"] and killed["method_info"][0]["name"] == "test_misbehave"
     diverged = record(out, "diverge")
     assert diverged["status"] == "diverged" and "loss is" in diverged["error"]["message"]
     assert diverged["train"] == {} and diverged["measurements"]["activation_bytes"] > 0, "figures known up to then are kept"

@@ -156,9 +156,8 @@ def test_page_renders_without_console_errors_and_shows_the_records(written, fram
         ok = group[group["status"] == "ok"]
         statuses = set(group["status"])
         assert row["status"] == statuses.pop() if len(statuses) == 1 else all(f" {s}" in row["status"] for s in statuses)
-        # The family comes from the records' method_info; a cell killed before writing one takes its stack's.
-        same_stack = frame[frame["method_stack"] == group["method_stack"].iloc[0]]
-        assert row["family"] == same_stack["family"].dropna().iloc[0]
+        # The family comes from the records' method_info, which the runner writes too, for a killed cell.
+        assert set(group["family"]) == {row["family"]}
         mean, std = shown_metric(row["metric"])
         assert close(mean, ok["metric"].mean() if len(ok) else None, 1e-4), (task, method, row)
         assert close(std, ok["metric"].std(ddof=1) if len(ok) > 1 else None, 1e-4), (task, method, row)

@@ -42,6 +42,17 @@ def test_run_writes_one_complete_record_per_cell(tiny_suite, tmp_path, data_dir)
     assert probe.trainable_params == 32 * 2 + 2 and probe.status == "ok" and probe.train_seconds > 0
 
 
+def test_a_cell_survives_its_trip_through_a_record(tiny_suite):
+    """The worker rebuilds the cell from the job's dict: every setting, the hash and the key come back."""
+    from harness.config import Cell, load_suite
+    body = BODY.replace("{method: full, lr: 1.0e-3}", "{stack: [{method: lora, hparams: {r: 4}}, {method: mesa}], lr: 3.0e-4, "
+                        "train: {batch_size: 4}}")
+    for cell in load_suite(tiny_suite(body)).cells():
+        back = Cell.from_dict(json.loads(json.dumps(cell.to_dict())))
+        assert back.to_dict() == cell.to_dict() and back.config_hash() == cell.config_hash() and back.key == cell.key
+        assert back.task == cell.task and back.train == cell.train
+
+
 def test_rerun_skips_finished_cells_and_fresh_reruns_all(tiny_suite, tmp_path, data_dir, capsys):
     out = tmp_path / "out"
     suite = tiny_suite(BODY)
@@ -108,7 +119,7 @@ def test_recorded_metrics_are_those_of_the_predictions(tiny_suite, data_dir, mon
         outputs.append(real_predict(*args, **kwargs))
         return outputs[-1]
     monkeypatch.setattr(worker, "predict", keep)
-    records = {cell.task.name: worker.run_cell(cell.to_dict(), data_dir, "cpu", progress=False) for cell in cells}
+    records = {cell.task.name: worker.run_cell(cell, data_dir, "cpu", progress=False) for cell in cells}
     assert [r["status"] for r in records.values()] == ["ok", "ok"], [r.get("error") for r in records.values()]
     (sst2_pred, sst2_ref, n), (stsb_pred, stsb_ref, _) = outputs
 

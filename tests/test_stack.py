@@ -119,7 +119,7 @@ def suite_cell(tiny_suite, methods: str, train: str):
 def test_the_worker_keeps_a_stacks_groups_and_declares_its_count(tiny_suite):
     cell = suite_cell(tiny_suite, "  - {stack: [{method: dept, hparams: {lowrank_lr: 1.0e-4, max_length: 64}}, {method: mesa}], lr: 0.3}",
                       "{max_steps: 2, max_seq_length: 32}")
-    model, declared, groups, value_dependent = worker.build(cell.to_dict(), cell.task, total_steps=2)
+    model, declared, groups, value_dependent = worker.build(cell, total_steps=2)
     assert sorted(g["lr"] for g in groups) == [1e-4, 0.3]
     assert declared == sum(p.numel() for p in trainable(model))
     assert value_dependent is False
@@ -134,7 +134,7 @@ def test_adalora_schedule_follows_the_cells_steps(hparams, expected, tiny_suite,
     built = []
     real_build = worker.build
     monkeypatch.setattr(worker, "build", lambda *args, **kw: built.append(real_build(*args, **kw)) or built[-1])
-    record = worker.run_cell(cell.to_dict(), data_dir, "cpu", progress=False)
+    record = worker.run_cell(cell, data_dir, "cpu", progress=False)
     assert record["status"] == "ok", record["error"]
     assert record["train"]["steps"] == 3
     config = built[0][0].peft_config["default"]

@@ -43,6 +43,12 @@ class TaskSpec:
         return asdict(self)
 
     @classmethod
+    def from_dict(cls, values: dict) -> "TaskSpec":
+        """The inverse of `to_dict` (JSON turns the tuples into lists)."""
+        tuples = {key: tuple(values[key]) for key in ("text_columns", "metrics", "hub") if values.get(key) is not None}
+        return cls(**{**values, **tuples})
+
+    @classmethod
     def from_mapping(cls, name: str, raw, where: str, base_dir: Path | None = None) -> "TaskSpec":
         """Validate a task declaration; every mistake is a UserError naming the key."""
         if not isinstance(raw, dict):

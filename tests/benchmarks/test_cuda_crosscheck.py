@@ -28,11 +28,11 @@ BARE_LOOP = textwrap.dedent("""
     from harness import backbone, data, worker
     from harness.config import load_suite
     cell = load_suite(sys.argv[1]).cells()[0]
-    spec, task, settings = cell.to_dict(), cell.task, cell.train
+    task, settings = cell.task, cell.train
     device = torch.device("cuda")
     worker.seed_everything(cell.seed)
     tokenizer = backbone.load_tokenizer(None)
-    model, _, groups, _ = worker.build(spec, task)
+    model, _, groups, _ = worker.build(cell)
     model.to(device)
     frame = data.subset(data.load_split(task, "train", data.resolve_data_dir(None)), settings.max_train_samples)
     loader = torch.utils.data.DataLoader(data.Encoded(task, frame, tokenizer, settings.max_seq_length),
