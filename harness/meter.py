@@ -222,6 +222,15 @@ class NvmlSampler:
         self.sample()
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer) -> str:
+    """How the optimizer updates its tensors: one fused kernel, batched foreach kernels, or a Python loop
+    (the speed differs; the state and its bytes do not)."""
+    defaults = optimizer.defaults
+    foreach = defaults.get("foreach")
+    kind = "fused" if defaults.get("fused") else {True: "foreach", False: "for-loop", None: "torch's default"}[foreach]
+    return f"{type(optimizer).__name__} ({kind})"
+
+
 class Meter:
     """Collects every figure of one cell; `summary()` is what the result records.
 
@@ -314,6 +323,7 @@ class Meter:
         self.figures["grad_bytes"] = unique_bytes(p.grad for p in model.parameters() if p.grad is not None)
         state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
         self.figures["optimizer_bytes"] = unique_bytes(state)
+        self.figures["optimizer_step"] = optimizer_step(optimizer)
 
     def summary(self) -> dict:
         f = dict(self.figures)
@@ -323,7 +333,7 @@ class Meter:
                                         + f.get("grad_bytes", 0) + f.get("optimizer_bytes", 0) + self.saved.peak)
         f["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
         timed = self.steps[self.timing_warmup_steps:] or self.steps  # too few steps: time them all, and say so
-        if len(timed) < len(self.steps) - self.timing_warmup_steps or not self.steps[self.timing_warmup_steps:]:
+        if not self.steps[self.timing_warmup_steps:]:
             self.notes.append(f"only {len(self.steps)} steps: throughput includes warm-up steps")
         if timed:
             seconds = np.array([s for s, _, _ in timed])

@@ -1,4 +1,4 @@
-"""The training and evaluation loop: AdamW, linear warm-up and decay, autocast,
+"""The training and evaluation loop: AdamW (fused where torch has it), linear warm-up and decay, autocast,
 gradient accumulation, all under the meter. It knows a model with trainable
 parameters, not which method made it.
 """
@@ -42,9 +42,19 @@ def micro_batches(batch: dict, size: int | None):
         yield {k: v[start:start + size] for k, v in batch.items()}
 
 
+def make_optimizer(param_groups, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with the fastest step torch has for these parameters: fused (one kernel for all tensors, on
+    CPU as on CUDA) where it supports their device and dtype, else its default. The update is AdamW's
+    either way, and the state the same tensors; the meter records which step ran."""
+    try:
+        return torch.optim.AdamW(param_groups, weight_decay=weight_decay, fused=True)
+    except RuntimeError:  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(param_groups, weight_decay=weight_decay)
+
+
 def train(model, param_groups, loader, settings: TrainSettings, device, meter: Meter, progress=True) -> list[float]:
     """Train for the configured steps; returns the loss of every step."""
-    optimizer = torch.optim.AdamW(param_groups, weight_decay=settings.weight_decay)
+    optimizer = make_optimizer(param_groups, settings.weight_decay)
     steps = total_steps(settings, len(loader))
     warmup = int(settings.warmup_ratio * steps)
     schedule = lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup))

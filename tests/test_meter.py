@@ -72,6 +72,33 @@ def test_state_bytes_follow_from_the_trainable_parameters():
                                              + figures["optimizer_bytes"] + figures["activation_bytes"])
     assert figures["timed_steps"] == 2 and figures["train_samples_per_s"] > 0
     assert "peak_gpu_allocated_bytes" not in figures, "no CUDA figure on a CPU run: empty, not zero"
+    assert figures["optimizer_step"] == "AdamW (fused)", "the fastest step torch has for CPU float32 weights"
+
+
+def test_the_fused_step_is_adamws_step():
+    """The harness's optimizer against torch's plain for-loop AdamW from the same weights and gradients:
+    the same update (to rounding), and the same state, so optimizer_bytes does not depend on the kernel."""
+    from harness.train import make_optimizer
+    torch.manual_seed(0)
+    weights = [torch.randn(33, 7), torch.randn(5)]
+    sides = []
+    for build in (lambda groups: make_optimizer(groups, 0.01),
+                  lambda groups: torch.optim.AdamW(groups, weight_decay=0.01, foreach=False)):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        optimizer = build([{"params": params[:1], "lr": 1e-2}, {"params": params[1:], "lr": 3e-3}])
+        for step in range(3):
+            for p, w in zip(params, weights):
+                p.grad = torch.sin(w * (step + 1))
+            optimizer.step()
+        sides.append((params, optimizer))
+    (fused, fused_opt), (plain, plain_opt) = sides
+    assert fused_opt.defaults["fused"] and not plain_opt.defaults["fused"]
+    for a, b in zip(fused, plain):
+        assert not torch.equal(a, weights[0] if a.dim() == 2 else weights[1]), "it moved"
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(fused, plain):
+        assert fused_opt.state[a].keys() == plain_opt.state[b].keys()
+        assert [t.nbytes for t in fused_opt.state[a].values()] == [t.nbytes for t in plain_opt.state[b].values()]
 
 
 def test_freezing_more_saves_fewer_activations():
