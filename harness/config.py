@@ -254,7 +254,9 @@ def _parse_entry(raw, where: str, suite_train: dict) -> MethodEntry:
         components = tuple(_parse_component(s, f"{where}.stack[{i}]") for i, s in enumerate(stack))
     else:
         components = (_parse_component(raw, where),)
-    label = raw.get("label", "+".join(c.ref for c in components))
+    # The default label is the methods' own names: a registered name is its reference, and a plugin's
+    # class name is usable where its reference (a path, module:Class) is not.
+    label = raw.get("label", "+".join(resolve_method(c.ref, where).name for c in components))
     if not isinstance(label, str) or not label or any(ch in label for ch in "/\\\0") or label.startswith("."):
         raise UserError(f"{where}.label", f"{label!r} is not a usable label", "use letters, digits, '-', '_', '+' or '.'")
     lr = raw.get("lr", resolve_method(components[0].ref, where).default_lr)

@@ -53,6 +53,18 @@ def test_a_cell_survives_its_trip_through_a_record(tiny_suite):
         assert back.task == cell.task and back.train == cell.train
 
 
+def test_a_plugin_entry_is_labelled_by_its_class_name(tiny_suite, tmp_path):
+    from harness.config import load_suite
+    plugin = tmp_path / "plugins" / "head_only.py"
+    plugin.parent.mkdir()
+    plugin.write_text("from methods.linear_probe import LinearProbe\n\n"
+                      "class HeadOnly(LinearProbe):\n    name = 'head_only'\n")
+    body = BODY.replace("{method: full, lr: 1.0e-3}", f"{{method: '{plugin}:HeadOnly'}}\n"
+                        f"  - {{stack: [{{method: '{plugin}:HeadOnly'}}, {{method: mesa}}]}}")
+    labels = [cell.entry.label for cell in load_suite(tiny_suite(body)).cells() if cell.task.name == "sst2"]
+    assert labels == ["head_only", "head_only+mesa", "linear_probe"]
+
+
 def test_rerun_skips_finished_cells_and_fresh_reruns_all(tiny_suite, tmp_path, data_dir, capsys):
     out = tmp_path / "out"
     suite = tiny_suite(BODY)
