@@ -21,6 +21,36 @@ def data_dir() -> Path:
     return DATA_DIR
 
 
+# What the real data folder holds (see ../shared/data/README.md): glue/<task>/{train,validation}.parquet, with the
+# hub's columns and dtypes (text as strings, label int64, or float64 0-5 for stsb, idx int64).
+GLUE_LIKE_COLUMNS = {"cola": ("sentence",), "sst2": ("sentence",), "mrpc": ("sentence1", "sentence2"),
+                     "rte": ("sentence1", "sentence2"), "stsb": ("sentence1", "sentence2"), "wnli": ("sentence1", "sentence2")}
+GLUE_LIKE_ROWS = 6  # per split: both classes (or a spread of scores), a batch or so
+
+
+@pytest.fixture(scope="session")
+def glue_like_data(tmp_path_factory) -> Path:
+    """A data folder shaped like the real one (same tasks, files, columns and dtypes, a few rows of made-up text
+    per split), so that preflight passes exactly as with real data. For tests of configuration and input errors,
+    which must stop before any work; a test that trains or needs real text asks for `data_dir`."""
+    import pandas as pd
+    root = tmp_path_factory.mktemp("glue-like-data")
+    words = ["a small test sentence", "another line of text", "the cat sat on the mat", "it rained all day",
+             "nobody read the report", "the model is tiny"]
+    for task, columns in GLUE_LIKE_COLUMNS.items():
+        folder = root / "glue" / task
+        folder.mkdir(parents=True)
+        for split in ("train", "validation"):
+            n = GLUE_LIKE_ROWS
+            frame = {c: pd.array([f"{words[(i + k) % len(words)]} ({split} {i})" for i in range(n)], dtype="str")
+                     for k, c in enumerate(columns)}
+            frame["label"] = ([5.0 * i / (n - 1) for i in range(n)] if task == "stsb" else [i % 2 for i in range(n)])
+            frame = pd.DataFrame(frame).astype({"label": "float64" if task == "stsb" else "int64"})
+            frame["idx"] = pd.Series(range(n), dtype="int64")
+            frame.to_parquet(folder / f"{split}.parquet", index=False)
+    return root.resolve()
+
+
 @pytest.fixture(autouse=True)
 def _no_data_dir_from_the_caller(monkeypatch):
     """No test sees the caller's HARNESS_DATA_DIR: one that needs data asks for `data_dir` and passes it on."""

@@ -1,5 +1,9 @@
 """Every kind of bad input gets one line naming where, what and the fix, and exit
-status 2, before any training (no results directory is even created)."""
+status 2, before any training (no results directory is even created).
+
+Suites that name GLUE tasks get `glue_like_data` (conftest): a few made-up rows per split, laid out like the real
+files, so that these tests need no real data; test_data_dir.py checks that it passes preflight and has the
+real files' layout and schema, so an error here comes from the input under test, not from the data."""
 
 import os
 import subprocess
@@ -72,10 +76,10 @@ def write_case(tmp_path, text, files):
 
 @pytest.mark.parametrize("command", ["validate", "run"])
 @pytest.mark.parametrize("case_id,text,files,words", CASES, ids=[c[0] for c in CASES])
-def test_bad_suite_is_one_line_and_exit_2(case_id, text, files, words, command, tmp_path, capsys, data_dir):
+def test_bad_suite_is_one_line_and_exit_2(case_id, text, files, words, command, tmp_path, capsys, glue_like_data):
     suite = write_case(tmp_path, text, files)
     out = tmp_path / "results"
-    args = [command, str(suite), "--data-dir", str(data_dir)] + (["--out", str(out)] if command == "run" else [])
+    args = [command, str(suite), "--data-dir", str(glue_like_data)] + (["--out", str(out)] if command == "run" else [])
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
@@ -98,21 +102,21 @@ def test_missing_data_directory(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case_id", ["yaml-syntax", "unknown-method", "custom-label-range"])
-def test_real_process_exits_2_without_traceback(case_id, tmp_path, data_dir):
+def test_real_process_exits_2_without_traceback(case_id, tmp_path, glue_like_data):
     _, text, files, words = next(c for c in CASES if c[0] == case_id)
     suite = write_case(tmp_path, text, files)
-    proc = subprocess.run([sys.executable, "-m", "harness", "run", str(suite), "--data-dir", str(data_dir),
+    proc = subprocess.run([sys.executable, "-m", "harness", "run", str(suite), "--data-dir", str(glue_like_data),
                            "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert words[0] in proc.stderr
 
 
-def test_yaml_tags_that_would_run_code_are_refused(tmp_path, capsys, data_dir):
+def test_yaml_tags_that_would_run_code_are_refused(tmp_path, capsys, glue_like_data):
     """Suites are read with a safe loader: a python/object tag is an error, never a call."""
     marker = tmp_path / "pwned"
     suite = write_case(tmp_path, f"tasks: [sst2]\n{GOOD_METHOD}\nnote: !!python/object/apply:os.system ['touch {marker}']", {})
-    assert main(["validate", str(suite), "--data-dir", str(data_dir)]) == 2
+    assert main(["validate", str(suite), "--data-dir", str(glue_like_data)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "YAML tag not allowed" in err and "python/object" in err, err
     assert not marker.exists()
@@ -266,11 +270,11 @@ def test_a_reader_refused_permission_is_one_line(tmp_path, capsys, monkeypatch):
 
 # ---- a data directory holding bad files -----------------------------------------------------------
 
-def data_dir_with(tmp_path, real: Path, train) -> Path:
-    """A data directory whose glue/sst2 has the real validation split and `train(folder)` as its train split."""
+def data_dir_with(tmp_path, good: Path, train) -> Path:
+    """A data directory whose glue/sst2 has the good validation split of `good` and `train(folder)` as its train split."""
     folder = tmp_path / "data" / "glue" / "sst2"
     folder.mkdir(parents=True)
-    (folder / "validation.parquet").symlink_to(real / "glue" / "sst2" / "validation.parquet")
+    (folder / "validation.parquet").symlink_to(good / "glue" / "sst2" / "validation.parquet")
     train(folder)
     return tmp_path / "data"
 
@@ -282,8 +286,8 @@ def data_dir_with(tmp_path, real: Path, train) -> Path:
     (lambda f: (f / "train.parquet").mkdir(), ["is a folder"]),
     (lambda f: (f / "train.csv").write_bytes("sentence,label\n\xe9t\xe9,1\n".encode("latin-1")), ["not UTF-8"]),
 ], ids=["zero-bytes", "corrupt", "folder", "latin1-csv"])
-def test_bad_file_in_the_data_directory(train, words, command, tmp_path, capsys, data_dir):
-    bad = data_dir_with(tmp_path, data_dir, train)
+def test_bad_file_in_the_data_directory(train, words, command, tmp_path, capsys, glue_like_data):
+    bad = data_dir_with(tmp_path, glue_like_data, train)
     suite = write_case(tmp_path, f"tasks: [sst2]\n{GOOD_METHOD}", {})
     out = tmp_path / "results"
     assert main([command, str(suite), "--data-dir", str(bad)] + (["--out", str(out)] if command == "run" else [])) == 2
@@ -375,12 +379,12 @@ def test_plugin_path_that_is_a_folder(tmp_path, capsys):
 # ---- where results go -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("where", ["a-file", "under-a-file"])
-def test_results_directory_that_cannot_be_made(where, tmp_path, capsys, data_dir, tiny_backbone):
+def test_results_directory_that_cannot_be_made(where, tmp_path, capsys, glue_like_data, tiny_backbone):
     blocker = tmp_path / "taken"
     blocker.write_text("someone's notes\n")
     out = blocker if where == "a-file" else blocker / "results"
     suite = write_case(tmp_path, f"backbone: {tiny_backbone}\ntasks: [sst2]\n{GOOD_METHOD}", {})
-    assert main(["run", str(suite), "--out", str(out), "--data-dir", str(data_dir)]) == 2
+    assert main(["run", str(suite), "--out", str(out), "--data-dir", str(glue_like_data)]) == 2
     line = one_line_error(capsys.readouterr().err)
     assert str(out) in line
     assert blocker.read_text() == "someone's notes\n"
