@@ -1,12 +1,21 @@
-"""Step time per method on the MiniLM backbone, with memory figures in extra_info.
+"""Step time of the loop users run (`harness.train.train`), per method and against the loops they would
+otherwise write: a bare PyTorch loop and Hugging Face `Trainer`, on the same batches.
 
-    pytest tests/benchmarks --benchmark-autosave          # record
-    pytest tests/benchmarks --benchmark-compare           # compare with the last saved run
+    pytest tests/benchmarks/test_step_time.py --benchmark-autosave    # record
+    pytest tests/benchmarks/test_step_time.py --benchmark-compare     # against the last saved run
 
-One training step = forward + backward + AdamW step on the same batch of 32
-real SST-2 sentences (dynamic padding), on CUDA when available.
+Every loop does the same work per step: forward, backward, gradient clipping, the same AdamW step
+(harness.train.make_optimizer; `Trainer` gets `adamw_torch_fused`), a linear warm-up/decay schedule and
+zeroing the gradients, in fp32. A step's time is taken around exactly that (data loading and moving the
+batch to the device are left out of all three); the median over the steps after `WARMUP` is reported.
+
+MiniLM on real SST-2 sentences, dynamic padding: batch 16 and at most 64 tokens on CPU, batch 32 and 128
+tokens on CUDA. pytest-benchmark times the harness's whole run of `STEPS` steps, so a regression in
+the loop shows in `pytest-benchmark compare`; the per-step medians and their ratios are in extra_info.
 """
 
+import copy
+import dataclasses
 import statistics
 import time
 
@@ -14,12 +23,15 @@ import pytest
 import torch
 
 from harness import backbone, data
+from harness.config import TrainSettings
 from harness.meter import Meter
-from harness.method import registry
+from harness.method import Stack, registry
 from harness.tasks import BUILTIN_TASKS
+from harness.train import make_optimizer, train
 
 TASK = BUILTIN_TASKS["sst2"]
-BATCH_SIZE = 32
+STEPS, WARMUP = 30, 3
+LR = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -28,61 +40,166 @@ def device():
 
 
 @pytest.fixture(scope="module")
-def batch(data_dir, device):
+def settings(device):
+    batch_size, length = (32, 128) if device.type == "cuda" else (16, 64)
+    return TrainSettings(max_steps=STEPS, batch_size=batch_size, max_seq_length=length, timing_warmup_steps=WARMUP)
+
+
+@pytest.fixture(scope="module")
+def batches(data_dir, settings, device):
+    """The same STEPS batches, in the same order, for every loop."""
     tokenizer = backbone.load_tokenizer(None)
-    frame = data.load_split(TASK, "validation", data_dir).iloc[:BATCH_SIZE]
-    encoded = data.Encoded(TASK, frame, tokenizer, 128)
-    collate = data.make_collate(tokenizer, "dynamic", 128)
-    return {k: v.to(device) for k, v in collate([encoded[i] for i in range(len(encoded))]).items()}
+    frame = data.load_split(TASK, "train", data_dir).iloc[: STEPS * settings.batch_size]
+    loader = torch.utils.data.DataLoader(
+        data.Encoded(TASK, frame, tokenizer, settings.max_seq_length), batch_size=settings.batch_size,
+        shuffle=True, generator=torch.Generator().manual_seed(0),
+        collate_fn=data.make_collate(tokenizer, settings.padding, settings.max_seq_length))
+    return [{k: v.to(device) for k, v in batch.items()} for batch in loader]
 
 
-def prepared(name, device):
+@pytest.fixture(scope="module")
+def pretrained():
     torch.manual_seed(0)
-    model = registry()[name]().apply(backbone.load_model(None, TASK), TASK).to(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    return backbone.load_model(None, TASK)
+
+
+def prepared(name: str, pretrained, device):
+    """A fresh copy of the backbone with the method applied, and its optimizer groups."""
+    method = Stack([registry()[name]()])
+    model, _ = method.attach(copy.deepcopy(pretrained), TASK)
+    return model.to(device), method.param_groups(model, LR)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def schedule(settings: TrainSettings):
+    warmup = int(settings.warmup_ratio * STEPS)
+    return lambda s: (s + 1) / warmup if s < warmup else max(0.0, (STEPS - s) / max(1, STEPS - warmup))
+
+
+def harness_loop(model, groups, batches, settings, device) -> list[float]:
+    meter = Meter(model, device, settings.timing_warmup_steps)
+    with meter.phase("train"):
+        train(model, groups, batches, settings, device, meter, progress=False)
+    return [seconds for seconds, _, _ in meter.steps]
+
+
+def bare_loop(model, groups, batches, settings, device) -> list[float]:
+    optimizer = make_optimizer(groups, settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(settings))
+    trainable = [p for g in groups for p in g["params"]]
     model.train()
-    return model, optimizer
-
-
-def one_step(model, optimizer, batch, meter):
-    with meter.step(batch):
-        with meter.saved_tensors(batch):
-            model(**batch).loss.backward()
+    times = []
+    for batch in batches:
+        sync(device)
+        start = time.perf_counter()
+        model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
         optimizer.step()
-        if not optimizer.state.get("_recorded"):
-            meter.record_states(model, optimizer)
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def trainer_loop(model, groups, batches, settings, device, out_dir) -> list[float]:
+    """`Trainer` as its documentation sets it up, fed the prepared batches one per step."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.times, self.start = [], None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            sync(device)
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync(device)
+            self.times.append(time.perf_counter() - self.start)
+
+    timer = StepTimes()
+    args = TrainingArguments(
+        output_dir=str(out_dir), max_steps=STEPS, per_device_train_batch_size=1, learning_rate=LR,
+        warmup_steps=int(settings.warmup_ratio * STEPS), lr_scheduler_type="linear", weight_decay=settings.weight_decay,
+        max_grad_norm=settings.max_grad_norm, optim="adamw_torch_fused", logging_strategy="no", save_strategy="no",
+        report_to=[], disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
+        use_cpu=device.type == "cpu", seed=0)
+    Trainer(model=model, args=args, train_dataset=batches, data_collator=lambda items: items[0],
+            callbacks=[timer]).train()
+    return timer.times
+
+
+def median_step(times: list[float]) -> float:
+    return statistics.median(times[WARMUP:])
+
+
+@pytest.mark.parametrize("name", ["full", "lora"])
+def test_harness_loop_against_bare_loop_and_trainer(benchmark, name, pretrained, batches, settings, device, tmp_path):
+    """Rounds of the three loops, interleaved: before each timed harness run, the bare loop and `Trainer`
+    run once each, in alternating order, so that drift in load or clocks reaches all three alike."""
+    times = {"harness": [], "bare": [], "trainer": []}
+    rounds = []
+
+    def others_then_harness_args():
+        order = ("bare", "trainer") if len(rounds) % 2 == 0 else ("trainer", "bare")
+        for loop in order:
+            model, groups = prepared(name, pretrained, device)
+            run = bare_loop(model, groups, batches, settings, device) if loop == "bare" else \
+                trainer_loop(model, groups, batches, settings, device, tmp_path / f"trainer{len(rounds)}")
+            times[loop].append(median_step(run))
+        rounds.append(order)
+        return prepared(name, pretrained, device), {}  # pedantic's (args, kwargs) for the timed harness run
+
+    def harness_run(model, groups):
+        times["harness"].append(median_step(harness_loop(model, groups, batches, settings, device)))
+
+    benchmark.pedantic(harness_run, setup=others_then_harness_args, rounds=2, warmup_rounds=0)
+    medians = {loop: statistics.median(values) for loop, values in times.items()}
+    ratios = {"harness_over_trainer": medians["harness"] / medians["trainer"],
+              "harness_over_bare": medians["harness"] / medians["bare"]}
+    benchmark.extra_info.update(
+        device=str(device), batch_size=settings.batch_size, max_seq_length=settings.max_seq_length, steps=STEPS,
+        **{f"median_step_s_{loop}": value for loop, value in medians.items()},
+        **{f"round_medians_s_{loop}": values for loop, values in times.items()}, **ratios)
+    print(f"\n{name} on {device}: median step harness {medians['harness']:.4f} s, bare {medians['bare']:.4f} s, "
+          f"Trainer {medians['trainer']:.4f} s; harness/Trainer {ratios['harness_over_trainer']:.3f}, "
+          f"harness/bare {ratios['harness_over_bare']:.3f}")
 
 
 @pytest.mark.parametrize("name", sorted(registry()))
-def test_train_step(benchmark, name, batch, device):
-    model, optimizer = prepared(name, device)
-    meter = Meter(model, device, timing_warmup_steps=1)
-    with meter.phase("train"):
-        benchmark.pedantic(one_step, args=(model, optimizer, batch, meter), rounds=5, warmup_rounds=1)
-    figures = meter.summary()
+def test_train_step(benchmark, name, pretrained, batches, settings, device):
+    """Each method's run of the harness's loop; memory figures in extra_info."""
+    figures, short = {}, dataclasses.replace(settings, max_steps=8)
+
+    def run(model, groups):
+        meter = Meter(model, device, short.timing_warmup_steps)
+        with meter.phase("train"):
+            train(model, groups, batches[:short.max_steps], short, device, meter, progress=False)
+        figures.update(meter.summary())
+
+    benchmark.pedantic(run, setup=lambda: (prepared(name, pretrained, device), {}), rounds=2, warmup_rounds=0)
     benchmark.extra_info.update({k: v for k, v in figures.items() if not isinstance(v, (list, dict))})
-    benchmark.extra_info["tokens_per_step"] = int(batch["attention_mask"].sum())
 
 
-def test_meter_overhead(benchmark, batch, device):
-    """The meter's own cost: the same steps with the meter on and off, interleaved in one run."""
-    model, optimizer = prepared("full", device)
-    on = Meter(model, device, timing_warmup_steps=0, enabled=True)
-    off = Meter(model, device, timing_warmup_steps=0, enabled=False)
-    times = {"on": [], "off": []}
+def test_meter_overhead(benchmark, pretrained, batches, settings, device):
+    """The meter's own cost: the harness's loop with the meter on and off, interleaved."""
+    times, short = {"on": [], "off": []}, dataclasses.replace(settings, max_steps=12)
 
-    def paired_rounds():
-        with on.phase("train"), off.phase("train"):
-            for _ in range(5):  # interleaved pairs: drift in clocks or load hits both sides
-                for label, meter in (("off", off), ("on", on)):
-                    start = time.perf_counter()
-                    one_step(model, optimizer, batch, meter)
-                    times[label].append(time.perf_counter() - start)
+    def paired_round():
+        for label in ("off", "on") if len(times["on"]) % 2 == 0 else ("on", "off"):
+            model, groups = prepared("full", pretrained, device)
+            meter = Meter(model, device, short.timing_warmup_steps, enabled=label == "on")
+            with meter.phase("train"):
+                train(model, groups, batches[:short.max_steps], short, device, meter, progress=False)
+            times[label].append(statistics.median(s for s, _, _ in meter.steps[WARMUP:]))
 
-    one_step(model, optimizer, batch, off)  # warm-up
-    benchmark.pedantic(paired_rounds, rounds=3, warmup_rounds=0)
+    benchmark.pedantic(paired_round, rounds=2, warmup_rounds=0)
     ratio = statistics.median(times["on"]) / statistics.median(times["off"])
     benchmark.extra_info.update(median_on_s=statistics.median(times["on"]), median_off_s=statistics.median(times["off"]),
-                                overhead_ratio=ratio, nvml_samples=on.figures.get("nvml_samples"))
+                                overhead_ratio=ratio)
     print(f"\nmeter overhead: on {statistics.median(times['on']):.4f}s / off {statistics.median(times['off']):.4f}s = {ratio:.3f}")
