@@ -11,11 +11,13 @@ batch to the device are left out of all three); the median over the steps after 
 
 MiniLM on real SST-2 sentences, dynamic padding: batch 16 and at most 64 tokens on CPU, batch 32 and 128
 tokens on CUDA. pytest-benchmark times the harness's whole run of `STEPS` steps, so a regression in
-the loop shows in `pytest-benchmark compare`; the per-step medians and their ratios are in extra_info.
+the loop shows in `pytest-benchmark compare`; the median step times and the paired ratios (see
+`paired_ratio`) are in extra_info and printed.
 """
 
 import copy
 import dataclasses
+import gc
 import statistics
 import time
 
@@ -30,7 +32,7 @@ from harness.tasks import BUILTIN_TASKS
 from harness.train import make_optimizer, train
 
 TASK = BUILTIN_TASKS["sst2"]
-STEPS, WARMUP = 30, 3
+STEPS, WARMUP, ROUNDS = 30, 3, 3
 LR = 1e-4
 
 
@@ -134,40 +136,49 @@ def trainer_loop(model, groups, batches, settings, device, out_dir) -> list[floa
     return timer.times
 
 
-def median_step(times: list[float]) -> float:
-    return statistics.median(times[WARMUP:])
+def per_step(runs: list[list[float]]) -> list[float]:
+    """Each step's median over the rounds, warm-up steps left out."""
+    return [statistics.median(run[i] for run in runs) for i in range(WARMUP, STEPS)]
+
+
+def paired_ratio(ours: list[float], theirs: list[float]) -> float:
+    """Median over steps of the ratio of two loops' times for the same batch: batches of different lengths
+    take very different times, and pairing them cancels that spread out of the comparison."""
+    return statistics.median(a / b for a, b in zip(ours, theirs))
 
 
 @pytest.mark.parametrize("name", ["full", "lora"])
 def test_harness_loop_against_bare_loop_and_trainer(benchmark, name, pretrained, batches, settings, device, tmp_path):
     """Rounds of the three loops, interleaved: before each timed harness run, the bare loop and `Trainer`
-    run once each, in alternating order, so that drift in load or clocks reaches all three alike."""
-    times = {"harness": [], "bare": [], "trainer": []}
-    rounds = []
+    run once each, in alternating order, each on a fresh copy of the model after garbage collection, so
+    that drift in load or clocks, and what an earlier run left behind, reach all three alike."""
+    runs = {"harness": [], "bare": [], "trainer": []}
+
+    def fresh():
+        gc.collect()
+        return prepared(name, pretrained, device)
 
     def others_then_harness_args():
-        order = ("bare", "trainer") if len(rounds) % 2 == 0 else ("trainer", "bare")
+        order = ("bare", "trainer") if len(runs["harness"]) % 2 == 0 else ("trainer", "bare")
         for loop in order:
-            model, groups = prepared(name, pretrained, device)
-            run = bare_loop(model, groups, batches, settings, device) if loop == "bare" else \
-                trainer_loop(model, groups, batches, settings, device, tmp_path / f"trainer{len(rounds)}")
-            times[loop].append(median_step(run))
-        rounds.append(order)
-        return prepared(name, pretrained, device), {}  # pedantic's (args, kwargs) for the timed harness run
+            model, groups = fresh()
+            runs[loop].append(bare_loop(model, groups, batches, settings, device) if loop == "bare" else
+                              trainer_loop(model, groups, batches, settings, device, tmp_path / "trainer"))
+        return fresh(), {}  # pedantic's (args, kwargs) for the timed harness run
 
     def harness_run(model, groups):
-        times["harness"].append(median_step(harness_loop(model, groups, batches, settings, device)))
+        runs["harness"].append(harness_loop(model, groups, batches, settings, device))
 
-    benchmark.pedantic(harness_run, setup=others_then_harness_args, rounds=2, warmup_rounds=0)
-    medians = {loop: statistics.median(values) for loop, values in times.items()}
-    ratios = {"harness_over_trainer": medians["harness"] / medians["trainer"],
-              "harness_over_bare": medians["harness"] / medians["bare"]}
+    benchmark.pedantic(harness_run, setup=others_then_harness_args, rounds=ROUNDS, warmup_rounds=0)
+    steps = {loop: per_step(values) for loop, values in runs.items()}
+    medians = {loop: statistics.median(values) for loop, values in steps.items()}
+    ratios = {"harness_over_trainer": paired_ratio(steps["harness"], steps["trainer"]),
+              "harness_over_bare": paired_ratio(steps["harness"], steps["bare"])}
     benchmark.extra_info.update(
         device=str(device), batch_size=settings.batch_size, max_seq_length=settings.max_seq_length, steps=STEPS,
-        **{f"median_step_s_{loop}": value for loop, value in medians.items()},
-        **{f"round_medians_s_{loop}": values for loop, values in times.items()}, **ratios)
+        rounds=ROUNDS, **{f"median_step_s_{loop}": value for loop, value in medians.items()}, **ratios)
     print(f"\n{name} on {device}: median step harness {medians['harness']:.4f} s, bare {medians['bare']:.4f} s, "
-          f"Trainer {medians['trainer']:.4f} s; harness/Trainer {ratios['harness_over_trainer']:.3f}, "
+          f"Trainer {medians['trainer']:.4f} s; paired ratios harness/Trainer {ratios['harness_over_trainer']:.3f}, "
           f"harness/bare {ratios['harness_over_bare']:.3f}")
 
 
