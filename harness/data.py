@@ -16,8 +16,12 @@ from harness.errors import UserError
 from harness.tasks import TaskSpec
 
 DATA_DIR_ENV = "HARNESS_DATA_DIR"
-READERS = {".parquet": pd.read_parquet, ".csv": pd.read_csv, ".json": pd.read_json,
-           ".jsonl": lambda p: pd.read_json(p, lines=True)}
+READERS = {
+    ".parquet": pd.read_parquet,
+    ".csv": pd.read_csv,
+    ".json": pd.read_json,
+    ".jsonl": lambda p: pd.read_json(p, lines=True),
+}
 SUBSET_SEED = 0  # the same train subset for every method and seed, so cells compare like with like
 
 
@@ -32,9 +36,17 @@ def resolve_data_dir(flag: str | None) -> Path | None:
         return None
     path = Path(value).expanduser().absolute()
     if not path.exists():
-        raise UserError(source, f"data directory '{value}' does not exist", "point it at a folder holding glue/<task>/<split>.parquet")
+        raise UserError(
+            source,
+            f"data directory '{value}' does not exist",
+            "point it at a folder holding glue/<task>/<split>.parquet",
+        )
     if not path.is_dir():
-        raise UserError(source, f"data directory '{value}' is a file, not a folder", "point it at a folder holding glue/<task>/<split>.parquet")
+        raise UserError(
+            source,
+            f"data directory '{value}' is a file, not a folder",
+            "point it at a folder holding glue/<task>/<split>.parquet",
+        )
     return path.resolve()
 
 
@@ -51,16 +63,20 @@ def _local_file(task: TaskSpec, split: str, data_dir: Path | None) -> tuple[Path
         for ext in READERS:
             if (folder / f"{split}{ext}").exists():
                 return folder / f"{split}{ext}", f"task {task.name} ({split} split)"
-        raise UserError(f"task {task.name}", f"no {split} split under '{folder}'",
-                        f"put {split}.parquet (or .csv/.json/.jsonl) there, or unset the data directory to use the hub")
+        raise UserError(
+            f"task {task.name}",
+            f"no {split} split under '{folder}'",
+            f"put {split}.parquet (or .csv/.json/.jsonl) there, or unset the data directory to use the hub",
+        )
     return None
 
 
-FORMAT_FIXES = {".parquet": "write it again with pandas' DataFrame.to_parquet (or pyarrow)",
-                ".csv": "save it as comma-separated UTF-8 text with a header line of column names",
-                ".json": "write one JSON array of records, e.g. [{\"text\": ..., \"label\": 0}] "
-                         "(one object per line is .jsonl)",
-                ".jsonl": "write one JSON object per line, e.g. {\"text\": ..., \"label\": 0}"}
+FORMAT_FIXES = {
+    ".parquet": "write it again with pandas' DataFrame.to_parquet (or pyarrow)",
+    ".csv": "save it as comma-separated UTF-8 text with a header line of column names",
+    ".json": 'write one JSON array of records, e.g. [{"text": ..., "label": 0}] (one object per line is .jsonl)',
+    ".jsonl": 'write one JSON object per line, e.g. {"text": ..., "label": 0}',
+}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -74,8 +90,11 @@ def read_frame(path: Path, where: str) -> pd.DataFrame:
     UserError naming the file, never a reader's traceback."""
     suffix = path.suffix.lower()
     if suffix not in READERS:
-        raise UserError(where, f"'{path}' has extension '{path.suffix or '(none)'}', not a data format the harness reads",
-                        f"use a {', '.join(READERS)} file (the extension names the format)")
+        raise UserError(
+            where,
+            f"'{path}' has extension '{path.suffix or '(none)'}', not a data format the harness reads",
+            f"use a {', '.join(READERS)} file (the extension names the format)",
+        )
     if path.is_dir():
         raise UserError(where, f"'{path}' is a folder, not a data file", "point it at a file")
     if not path.is_file():
@@ -89,10 +108,15 @@ def read_frame(path: Path, where: str) -> pd.DataFrame:
     except MemoryError:
         raise
     except PermissionError:
-        raise UserError(where, f"'{path}' cannot be read: permission denied", "make it readable (e.g. chmod a+r)") from None
+        raise UserError(
+            where, f"'{path}' cannot be read: permission denied", "make it readable (e.g. chmod a+r)"
+        ) from None
     except UnicodeDecodeError as exc:
-        raise UserError(where, f"'{path}' is not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at offset {exc.start})",
-                        "save it as UTF-8") from None
+        raise UserError(
+            where,
+            f"'{path}' is not UTF-8 text (byte {exc.object[exc.start : exc.start + 1]!r} at offset {exc.start})",
+            "save it as UTF-8",
+        ) from None
     except pd.errors.EmptyDataError:
         raise UserError(where, f"'{path}' has no columns", FORMAT_FIXES[suffix]) from None
     except Exception as exc:  # noqa: BLE001 (each reader has its own errors; all mean 'not a readable file of this format')
@@ -110,22 +134,28 @@ def load_split(task: TaskSpec, split: str, data_dir: Path | None) -> pd.DataFram
     elif task.hub:
         frame, source = _load_hub(task, split), f"hub {'/'.join(task.hub)}"
     else:
-        raise UserError(f"task {task.name}", f"no data for split '{split}'",
-                        f"set {DATA_DIR_ENV} or --data-dir, or give data_files.{split}")
+        raise UserError(
+            f"task {task.name}",
+            f"no data for split '{split}'",
+            f"set {DATA_DIR_ENV} or --data-dir, or give data_files.{split}",
+        )
     check_split(task, split, frame, source)
     return frame
 
 
 def _load_hub(task: TaskSpec, split: str) -> pd.DataFrame:
     import datasets  # imported late: slow, and only the hub path needs it
+
     try:
         return datasets.load_dataset(*task.hub, split=split).to_pandas()
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 (offline, unknown dataset or split: the hub's errors are many)
-        raise UserError(f"task {task.name} ({split} split)", f"cannot load {'/'.join(task.hub)} from the hub: "
-                        f"{type(exc).__name__}: {_first_line(exc)}",
-                        f"set {DATA_DIR_ENV} or --data-dir to a local copy, or check network access") from None
+        raise UserError(
+            f"task {task.name} ({split} split)",
+            f"cannot load {'/'.join(task.hub)} from the hub: {type(exc).__name__}: {_first_line(exc)}",
+            f"set {DATA_DIR_ENV} or --data-dir to a local copy, or check network access",
+        ) from None
 
 
 def check_split(task: TaskSpec, split: str, frame: pd.DataFrame, source: str | None = None) -> None:
@@ -133,7 +163,9 @@ def check_split(task: TaskSpec, split: str, frame: pd.DataFrame, source: str | N
     where = f"task {task.name} ({split} split{f', {source}' if source else ''})"
     missing = [c for c in (*task.text_columns, task.label_column) if c not in frame.columns]
     if missing:
-        raise UserError(where, f"missing column(s) {missing}; it has {list(frame.columns)}", "fix text_columns / label_column")
+        raise UserError(
+            where, f"missing column(s) {missing}; it has {list(frame.columns)}", "fix text_columns / label_column"
+        )
     if len(frame) == 0:
         raise UserError(where, "is empty", "point the task at a file with rows")
     labels = frame[task.label_column]
@@ -146,17 +178,23 @@ def check_split(task: TaskSpec, split: str, frame: pd.DataFrame, source: str | N
             numbers = np.full(len(labels), np.nan)
         bad = ~np.isfinite(numbers)
         if bad.any():
-            raise UserError(where, f"{int(bad.sum())} labels are not finite numbers, e.g. {labels[bad].tolist()[:3]}",
-                            "a regression label must be a number")
+            raise UserError(
+                where,
+                f"{int(bad.sum())} labels are not finite numbers, e.g. {labels[bad].tolist()[:3]}",
+                "a regression label must be a number",
+            )
     else:
         try:
-            values = {v.item() if hasattr(v, 'item') else v for v in labels.unique()}
+            values = {v.item() if hasattr(v, "item") else v for v in labels.unique()}
         except TypeError:  # e.g. JSON lists or objects as labels
             raise UserError(where, "labels are not single values", "labels must be integer class ids") from None
         bad = sorted(values - set(range(task.num_labels)), key=str)
         if bad:
-            raise UserError(where, f"labels {bad[:5]} are outside 0..{task.num_labels - 1}",
-                            "labels must be integer class ids; fix num_labels or the data")
+            raise UserError(
+                where,
+                f"labels {bad[:5]} are outside 0..{task.num_labels - 1}",
+                "labels must be integer class ids; fix num_labels or the data",
+            )
 
 
 def subset(frame: pd.DataFrame, max_samples: int | None) -> pd.DataFrame:
@@ -186,11 +224,17 @@ class Encoded(torch.utils.data.Dataset):
 
 def make_collate(tokenizer, padding: str, max_length: int):
     """padding='dynamic' pads to the longest example of the batch; 'max_length' to max_length."""
+
     def collate(items):
         labels = torch.tensor(np.array([it.pop("labels") for it in items]))
-        batch = tokenizer.pad(items, padding="longest" if padding == "dynamic" else "max_length",
-                              max_length=max_length, return_tensors="pt")
+        batch = tokenizer.pad(
+            items,
+            padding="longest" if padding == "dynamic" else "max_length",
+            max_length=max_length,
+            return_tensors="pt",
+        )
         batch = dict(batch)
         batch["labels"] = labels
         return batch
+
     return collate

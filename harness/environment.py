@@ -8,7 +8,17 @@ from pathlib import Path
 
 import torch
 
-PACKAGES = ["torch", "transformers", "peft", "datasets", "numpy", "pandas", "scikit-learn", "nvidia-ml-py", "petl-harness"]
+PACKAGES = [
+    "torch",
+    "transformers",
+    "peft",
+    "datasets",
+    "numpy",
+    "pandas",
+    "scikit-learn",
+    "nvidia-ml-py",
+    "petl-harness",
+]
 
 
 def git_commit() -> str | None:
@@ -17,8 +27,13 @@ def git_commit() -> str | None:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
         if commit.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return commit.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -37,9 +52,16 @@ def describe(device: torch.device) -> dict:
             versions[name] = version(name)
         except PackageNotFoundError:
             versions[name] = None
-    env = {"python": platform.python_version(), "platform": platform.platform(), "packages": versions,
-           "device": device_name(device), "device_type": device.type, "git_commit": git_commit(),
-           "hostname": platform.node(), "cpu_count": os.cpu_count()}
+    env = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": versions,
+        "device": device_name(device),
+        "device_type": device.type,
+        "git_commit": git_commit(),
+        "hostname": platform.node(),
+        "cpu_count": os.cpu_count(),
+    }
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
         env["gpu_total_bytes"] = torch.cuda.get_device_properties(device).total_memory

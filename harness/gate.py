@@ -23,8 +23,14 @@ import math
 
 from harness.errors import UserError
 
-MEMORY_FIGURES = ("activation_bytes", "trainable_param_bytes", "grad_bytes", "optimizer_bytes", "modelled_peak_bytes",
-                  "peak_gpu_allocated_bytes")
+MEMORY_FIGURES = (
+    "activation_bytes",
+    "trainable_param_bytes",
+    "grad_bytes",
+    "optimizer_bytes",
+    "modelled_peak_bytes",
+    "peak_gpu_allocated_bytes",
+)
 METRIC_FIGURES = ("metric",)
 TIME_FIGURES = ("train_seconds", "step_time_median_s")
 GROUPS = {"memory": MEMORY_FIGURES, "metric": METRIC_FIGURES, "time": TIME_FIGURES}
@@ -71,7 +77,9 @@ def parse_settings(raw, where: str) -> dict:
             raise UserError(f"{where}.{key}", "unknown key", f"allowed keys: {', '.join(KEYS)}")
         if key == "figures":
             if not isinstance(value, list) or not value or not all(isinstance(f, str) for f in value):
-                raise UserError(f"{where}.figures", "must be a non-empty list of figure names", f"choose from {', '.join(FIGURES)}")
+                raise UserError(
+                    f"{where}.figures", "must be a non-empty list of figure names", f"choose from {', '.join(FIGURES)}"
+                )
             for name in value:
                 if name not in FIGURES:
                     raise UserError(f"{where}.figures", f"unknown figure '{name}'", f"choose from {', '.join(FIGURES)}")
@@ -95,4 +103,5 @@ def from_suite(path) -> dict:
     from pathlib import Path
 
     from harness.user_yaml import suite_mapping
+
     return parse_settings(suite_mapping(Path(path)).get("gate"), f"{path}.gate")

@@ -83,13 +83,18 @@ def _fast_key(t: torch.Tensor):
 def attention_implementation(model: torch.nn.Module) -> str | None:
     """The attention implementation the (first) transformers model inside `model` dispatches to."""
     from transformers import PreTrainedModel
+
     top = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
     return getattr(top.config, "_attn_implementation", None) if top is not None else None
 
 
 # Backward nodes of SDPA's fused kernels -> the backend's name in records.
-_FUSED_NODES = {"ScaledDotProductFlashAttentionForCpuBackward": "flash_cpu", "ScaledDotProductFlashAttentionBackward": "flash",
-                "ScaledDotProductEfficientAttentionBackward": "efficient", "ScaledDotProductCudnnAttentionBackward": "cudnn"}
+_FUSED_NODES = {
+    "ScaledDotProductFlashAttentionForCpuBackward": "flash_cpu",
+    "ScaledDotProductFlashAttentionBackward": "flash",
+    "ScaledDotProductEfficientAttentionBackward": "efficient",
+    "ScaledDotProductCudnnAttentionBackward": "cudnn",
+}
 
 
 def attention_backend(loss: torch.Tensor, implementation: str | None) -> str:
@@ -167,6 +172,7 @@ class NvmlSampler:
 
     def __init__(self, device: torch.device, interval_s: float):
         import pynvml
+
         self.nvml, self.interval_s = pynvml, interval_s
         pynvml.nvmlInit()
         self.handle = self._handle_for(device)
@@ -238,12 +244,21 @@ class Meter:
     NVML sampling, so the meter's own cost can be measured.
     """
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, timing_warmup_steps: int = 3,
-                 nvml_interval_s: float = 0.02, enabled: bool = True, count_activations: str = "per_shape"):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        timing_warmup_steps: int = 3,
+        nvml_interval_s: float = 0.02,
+        enabled: bool = True,
+        count_activations: str = "per_shape",
+    ):
         self.model, self.device, self.enabled = model, device, enabled
         self.count_every_step = count_activations == "every_step"
-        self.figures: dict = {"count_activations": count_activations,
-                              "attention_implementation": attention_implementation(model)}
+        self.figures: dict = {
+            "count_activations": count_activations,
+            "attention_implementation": attention_implementation(model),
+        }
         self._counted_shapes: set = set()
         self.cuda = device.type == "cuda"
         self.timing_warmup_steps = timing_warmup_steps
@@ -257,8 +272,10 @@ class Meter:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         frozen = [p for p in self.model.parameters() if not p.requires_grad]
         self.figures.update(
-            trainable_param_bytes=unique_bytes(trainable), frozen_param_bytes=unique_bytes(frozen),
-            buffer_bytes=unique_bytes(self.model.buffers()))
+            trainable_param_bytes=unique_bytes(trainable),
+            frozen_param_bytes=unique_bytes(frozen),
+            buffer_bytes=unique_bytes(self.model.buffers()),
+        )
 
     def _sync(self):
         if self.cuda:
@@ -285,7 +302,9 @@ class Meter:
                 self.figures[f"{name}_seconds"] = time.perf_counter() - start
         prefix = "" if name == "train" else f"{name}_"
         if self.cuda:
-            self.figures[f"peak_gpu_allocated_bytes" if name == "train" else f"{name}_peak_gpu_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            self.figures["peak_gpu_allocated_bytes" if name == "train" else f"{name}_peak_gpu_allocated_bytes"] = (
+                torch.cuda.max_memory_allocated(self.device)
+            )
             self.figures[f"{prefix}peak_gpu_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
         if sampler:
             self.figures[f"{prefix}nvml_peak_bytes"] = sampler.peak
@@ -329,19 +348,27 @@ class Meter:
         f = dict(self.figures)
         if self.enabled:
             f["activation_bytes"] = self.saved.peak
-            f["modelled_peak_bytes"] = (f["frozen_param_bytes"] + f["trainable_param_bytes"] + f["buffer_bytes"]
-                                        + f.get("grad_bytes", 0) + f.get("optimizer_bytes", 0) + self.saved.peak)
+            f["modelled_peak_bytes"] = (
+                f["frozen_param_bytes"]
+                + f["trainable_param_bytes"]
+                + f["buffer_bytes"]
+                + f.get("grad_bytes", 0)
+                + f.get("optimizer_bytes", 0)
+                + self.saved.peak
+            )
         f["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-        timed = self.steps[self.timing_warmup_steps:] or self.steps  # too few steps: time them all, and say so
-        if not self.steps[self.timing_warmup_steps:]:
+        timed = self.steps[self.timing_warmup_steps :] or self.steps  # too few steps: time them all, and say so
+        if not self.steps[self.timing_warmup_steps :]:
             self.notes.append(f"only {len(self.steps)} steps: throughput includes warm-up steps")
         if timed:
             seconds = np.array([s for s, _, _ in timed])
-            f.update(timed_steps=len(timed),
-                     train_samples_per_s=sum(n for _, n, _ in timed) / seconds.sum(),
-                     train_tokens_per_s=sum(t for _, _, t in timed) / seconds.sum(),
-                     step_time_median_s=float(np.median(seconds)),
-                     step_time_p90_s=float(np.percentile(seconds, 90)))
+            f.update(
+                timed_steps=len(timed),
+                train_samples_per_s=sum(n for _, n, _ in timed) / seconds.sum(),
+                train_tokens_per_s=sum(t for _, _, t in timed) / seconds.sum(),
+                step_time_median_s=float(np.median(seconds)),
+                step_time_p90_s=float(np.percentile(seconds, 90)),
+            )
         if self.notes:
             f["meter_notes"] = list(dict.fromkeys(self.notes))
         return f

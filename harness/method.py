@@ -27,7 +27,6 @@ builds one Stack for every cell and never asks how many components it has.
 """
 
 import copy
-import difflib
 import importlib
 import pkgutil
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from harness.errors import UserError
+from harness.errors import UserError, did_you_mean
 from harness.plugins import import_target
 
 FAMILIES = ("baseline", "PETL", "METL")
@@ -48,6 +47,7 @@ _RESOLVED: dict[str, type["Method"]] = {}  # reference string -> class: each ref
 @dataclass(frozen=True)
 class Run:
     """What the harness knows, before `apply`, of the run a method is applied for."""
+
     total_steps: int  # optimizer steps the training loop will take (harness.train.total_steps)
 
 
@@ -82,13 +82,14 @@ class Method:
     def __init__(self, **hparams):
         unknown = sorted(set(hparams) - set(self.defaults))
         if unknown:
-            close = difflib.get_close_matches(unknown[0], self.defaults, n=1)
-            fix = f"did you mean '{close[0]}'?" if close else f"known: {sorted(self.defaults) or 'none'}"
+            fix = did_you_mean(unknown[0], self.defaults, f"known: {sorted(self.defaults) or 'none'}")
             raise ValueError(f"unknown hyperparameter '{unknown[0]}' for method '{self.name}'; {fix}")
         for key, value in hparams.items():
             default = self.defaults[key]
             if default is not None and not _same_kind(value, default):
-                raise ValueError(f"hyperparameter '{key}' of '{self.name}' must be {type(default).__name__}, got {value!r}")
+                raise ValueError(
+                    f"hyperparameter '{key}' of '{self.name}' must be {type(default).__name__}, got {value!r}"
+                )
         self.hparams = {**self.defaults, **hparams}
         self.check_hparams()
 
@@ -126,12 +127,13 @@ class Stack(Method):
       the first component owns whatever is trainable after it; a later one, the parameters it created
       trainable or unfroze. Each component's `param_groups` is asked about the module its own `apply`
       returned, and keeps, of each group, the parameters it owns; so a method with two learning rates
-      keeps both when stacked with one that adds nothing (which owns nothing). A component that keeps trainable a parameter that
-      was trainable before it does not take it over. A trainable parameter no owner's group lists
-      trains at the cell's lr, in a group of its own.
+      keeps both when stacked with one that adds nothing (which owns nothing). A component that keeps
+      trainable a parameter that was trainable before it does not take it over. A trainable parameter no
+      owner's group lists trains at the cell's lr, in a group of its own.
     - activations_depend_on_values: any component's.
     A one-component stack is that component: same count, same groups.
     """
+
     family = "baseline"  # unused: a record's family comes from its components (results.stack_family)
     description = "a stack of methods"
 
@@ -175,7 +177,9 @@ class Stack(Method):
         groups, placed = [], set()
         for i, (component, output, _) in enumerate(self._applied):
             for group in component.param_groups(output, lr):
-                params = [p for p in group["params"] if p.requires_grad and owner.get(id(p)) == i and id(p) not in placed]
+                params = [
+                    p for p in group["params"] if p.requires_grad and owner.get(id(p)) == i and id(p) not in placed
+                ]
                 placed.update(id(p) for p in params)
                 if params:
                     groups.append({**group, "params": params})
@@ -198,6 +202,7 @@ def _same_kind(value, default) -> bool:
 def _load_builtin_methods() -> None:
     """Import every module of the `methods` package once: defining a class registers it."""
     import methods
+
     for info in pkgutil.iter_modules(methods.__path__):
         importlib.import_module(f"methods.{info.name}")
 
@@ -224,24 +229,35 @@ def _resolve(ref: str, where: str) -> type[Method]:
         known = registry()
         if ref in known:
             return known[ref]
-        close = difflib.get_close_matches(ref, known, n=1)
-        fix = f"did you mean '{close[0]}'?" if close else "see `python -m harness list methods`, or name a plugin as module:Class"
+        fix = did_you_mean(ref, known, "see `python -m harness list methods`, or name a plugin as module:Class")
         raise UserError(where, f"unknown method '{ref}'", fix)
     target, _, class_name = ref.partition(":")
     module = import_target(target, where)
     if class_name:
         cls = getattr(module, class_name, None)
     else:
-        found = [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, Method) and "name" in c.__dict__ and c.__module__ == module.__name__]
+        found = [
+            c
+            for c in vars(module).values()
+            if isinstance(c, type)
+            and issubclass(c, Method)
+            and "name" in c.__dict__
+            and c.__module__ == module.__name__
+        ]
         cls = found[0] if len(found) == 1 else None
         if cls is None:
             raise UserError(where, f"plugin '{target}' defines {len(found)} methods", "name one as path.py:ClassName")
     if not (isinstance(cls, type) and issubclass(cls, Method) and "name" in cls.__dict__):
-        raise UserError(where, f"'{ref}' is not a Method subclass with a name", "subclass harness.method.Method and set name")
+        raise UserError(
+            where, f"'{ref}' is not a Method subclass with a name", "subclass harness.method.Method and set name"
+        )
     builtin = registry().get(cls.name)
     if builtin is not None and builtin is not cls:
-        raise UserError(where, f"plugin method name '{cls.name}' is taken by {builtin.__module__}.{builtin.__qualname__}",
-                        "give the plugin class another name")
+        raise UserError(
+            where,
+            f"plugin method name '{cls.name}' is taken by {builtin.__module__}.{builtin.__qualname__}",
+            "give the plugin class another name",
+        )
     return cls
 
 

@@ -33,9 +33,8 @@ A plugin module is imported once per process; a reference that does not import,
 or names something that is not a decorated metric, is a one-line UserError.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from scipy import stats
@@ -68,9 +67,11 @@ class Metric:
 
 def metric(*, higher_is_better: bool, task_types=(CLASSIFICATION,)) -> Callable[[Callable], Metric]:
     """Declare a function (predictions, references) -> number a metric, for a suite to name as a plugin."""
+
     def declare(fn: Callable) -> Metric:
         description = ((fn.__doc__ or "").strip().splitlines() or [""])[0]
         return Metric(fn.__name__, fn, higher_is_better, tuple(task_types), description)
+
     return declare
 
 
@@ -88,8 +89,16 @@ BUILTIN: dict[str, Metric] = {
     for m in [
         Metric("accuracy", lambda p, r: skm.accuracy_score(r, p), True, _C, "fraction of exact matches"),
         Metric("f1", lambda p, r: skm.f1_score(r, p), True, _C, "F1 of the positive class (binary)"),
-        Metric("macro_f1", lambda p, r: skm.f1_score(r, p, average="macro"), True, _C, "unweighted mean F1 over classes"),
-        Metric("matthews_correlation", lambda p, r: skm.matthews_corrcoef(r, p), True, _C, "Matthews correlation coefficient"),
+        Metric(
+            "macro_f1", lambda p, r: skm.f1_score(r, p, average="macro"), True, _C, "unweighted mean F1 over classes"
+        ),
+        Metric(
+            "matthews_correlation",
+            lambda p, r: skm.matthews_corrcoef(r, p),
+            True,
+            _C,
+            "Matthews correlation coefficient",
+        ),
         Metric("pearson", _pearson, True, _R, "Pearson correlation (regression)"),
         Metric("spearman", _spearman, True, _R, "Spearman rank correlation (regression)"),
         Metric("mse", lambda p, r: skm.mean_squared_error(r, p), False, _R, "mean squared error (regression)"),
@@ -112,13 +121,18 @@ def resolve(ref: str, where: str) -> Metric:
     if ref in _PLUGINS:
         return _PLUGINS[ref]
     if ":" not in ref:
-        raise UserError(where, f"unknown metric '{ref}'",
-                        f"use some of {sorted(BUILTIN)}, or name your own as module:function or file.py:function")
+        raise UserError(
+            where,
+            f"unknown metric '{ref}'",
+            f"use some of {sorted(BUILTIN)}, or name your own as module:function or file.py:function",
+        )
     target, _, attribute = ref.rpartition(":")
     found = getattr(plugins.import_target(target, where), attribute, None)
     if not isinstance(found, Metric):
         problem = f"plugin '{target}' has no '{attribute}'" if found is None else f"'{ref}' is not a declared metric"
-        raise UserError(where, problem, "decorate the function with @harness.metrics.metric(higher_is_better=..., task_types=...)")
+        raise UserError(
+            where, problem, "decorate the function with @harness.metrics.metric(higher_is_better=..., task_types=...)"
+        )
     _PLUGINS[ref] = found
     return found
 

@@ -14,7 +14,7 @@ Conventions (one place, so the table and the plots agree):
   dominates nothing: a failed cell is not a choice.
 """
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from harness.formatting import is_missing
 

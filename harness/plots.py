@@ -24,19 +24,37 @@ from harness.formatting import byte_unit  # noqa: E402
 from harness.summary import AVERAGE, BREAKDOWN, Summary, higher_is_better  # noqa: E402
 
 # Okabe-Ito colours (readable with colour-blindness), and a shape each for grey-scale prints.
-FAMILY_STYLE = {"baseline": ("#6b6b6b", "o"), "PETL": ("#0072B2", "s"), "METL": ("#D55E00", "^"),
-                "unknown": ("#CC79A7", "D")}
+FAMILY_STYLE = {
+    "baseline": ("#6b6b6b", "o"),
+    "PETL": ("#0072B2", "s"),
+    "METL": ("#D55E00", "^"),
+    "unknown": ("#CC79A7", "D"),
+}
 BREAKDOWN_COLOURS = ["#cfd4dc", "#56B4E9", "#9b7fd1", "#E69F00", "#009E73"]
 PLOTS = {  # name -> (x column, x label, lower x is better, log x)
     "pareto_memory": ("peak_bytes", "peak memory", True, False),
     "metric_vs_params": ("trainable_params", "trainable parameters", True, True),
     "metric_vs_throughput": ("train_samples_per_s", "training throughput (samples/s)", False, False),
 }
-TITLES = {"pareto_memory": "Score vs peak memory", "metric_vs_params": "Score vs trainable parameters",
-          "metric_vs_throughput": "Score vs training throughput", "memory_breakdown": "Memory breakdown (modelled)"}
-STYLE = {"font.size": 9, "axes.titlesize": 10, "axes.titleweight": "bold", "axes.spines.top": False,
-         "axes.spines.right": False, "axes.grid": True, "grid.color": "#e6e6e6", "grid.linewidth": 0.8,
-         "axes.axisbelow": True, "svg.hashsalt": "harness-report", "svg.fonttype": "none"}
+TITLES = {
+    "pareto_memory": "Score vs peak memory",
+    "metric_vs_params": "Score vs trainable parameters",
+    "metric_vs_throughput": "Score vs training throughput",
+    "memory_breakdown": "Memory breakdown (modelled)",
+}
+STYLE = {
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.titleweight": "bold",
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.color": "#e6e6e6",
+    "grid.linewidth": 0.8,
+    "axes.axisbelow": True,
+    "svg.hashsalt": "harness-report",
+    "svg.fonttype": "none",
+}
 
 
 def plain(text) -> str:
@@ -61,8 +79,14 @@ def _grid(n: int, ax_w: float = 4.3, ax_h: float = 3.0, left: float = 0.8, gap_w
     right, bottom, top, gap_h = 0.3, 1.0, 0.85, 1.3  # bottom and gap_h: x label and the "no point" note
     width, height = left + cols * ax_w + (cols - 1) * gap_w + right, bottom + rows * ax_h + (rows - 1) * gap_h + top
     fig, axes = plt.subplots(rows, cols, figsize=(width, height), squeeze=False)
-    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height,
-                        wspace=gap_w / ax_w, hspace=gap_h / ax_h)
+    fig.subplots_adjust(
+        left=left / width,
+        right=1 - right / width,
+        bottom=bottom / height,
+        top=1 - top / height,
+        wspace=gap_w / ax_w,
+        hspace=gap_h / ax_h,
+    )
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, list(axes.flat[:n])
@@ -73,25 +97,56 @@ def _missing_note(ax, frame: pd.DataFrame, shown, what: str = "no point") -> Non
     absent = frame[~shown]
     if len(absent):
         text = f"{what}: " + "; ".join(f"{plain(m)} ({s})" for m, s in zip(absent["method"], absent["status"]))
-        ax.annotate(text, (0, 0), xycoords="axes fraction", xytext=(0, -38), textcoords="offset points",
-                    fontsize=7, color="#a33", va="top", wrap=True)
+        ax.annotate(
+            text,
+            (0, 0),
+            xycoords="axes fraction",
+            xytext=(0, -38),
+            textcoords="offset points",
+            fontsize=7,
+            color="#a33",
+            va="top",
+            wrap=True,
+        )
 
 
 def _label(ax, text, x, y, offset, ha, bold):
     # A faint white box keeps a label readable where it crosses the frontier line or the grid;
     # a label set further off gets a thin leader line to its point.
     far = abs(offset[0]) > 14 or abs(offset[1]) > 20
-    return ax.annotate(text, (x, y), xytext=offset, textcoords="offset points", ha=ha, va="center", fontsize=8,
-                       color="#222", fontweight="bold" if bold else "normal", zorder=5,
-                       bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.75},
-                       arrowprops={"arrowstyle": "-", "color": "#888", "linewidth": 0.6, "shrinkA": 1, "shrinkB": 4}
-                       if far else None)
+    return ax.annotate(
+        text,
+        (x, y),
+        xytext=offset,
+        textcoords="offset points",
+        ha=ha,
+        va="center",
+        fontsize=8,
+        color="#222",
+        fontweight="bold" if bold else "normal",
+        zorder=5,
+        bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.75},
+        arrowprops={"arrowstyle": "-", "color": "#888", "linewidth": 0.6, "shrinkA": 1, "shrinkB": 4} if far else None,
+    )
 
 
 # Spots to try, nearest first: (offset in points, horizontal alignment).
-LABEL_SPOTS = [((7, 7), "left"), ((7, -7), "left"), ((-7, 7), "right"), ((-7, -7), "right"), ((0, 12), "center"),
-               ((0, -12), "center"), ((28, 18), "left"), ((28, -18), "left"), ((-28, 18), "right"), ((-28, -18), "right"),
-               ((0, 28), "center"), ((0, -28), "center"), ((40, 0), "left"), ((-40, 0), "right")]
+LABEL_SPOTS = [
+    ((7, 7), "left"),
+    ((7, -7), "left"),
+    ((-7, 7), "right"),
+    ((-7, -7), "right"),
+    ((0, 12), "center"),
+    ((0, -12), "center"),
+    ((28, 18), "left"),
+    ((28, -18), "left"),
+    ((-28, 18), "right"),
+    ((-28, -18), "right"),
+    ((0, 28), "center"),
+    ((0, -28), "center"),
+    ((40, 0), "left"),
+    ((-40, 0), "right"),
+]
 
 
 def _place_labels(ax, xs, ys, labels, bold) -> None:
@@ -99,8 +154,10 @@ def _place_labels(ax, xs, ys, labels, bold) -> None:
     renderer = ax.figure.canvas.get_renderer()
     centres = ax.transData.transform(np.column_stack([xs, ys])) if len(xs) else []
     radius = 5 * ax.figure.dpi / 72  # about a marker, in pixels
-    taken = [matplotlib.transforms.Bbox.from_extents(cx - radius, cy - radius, cx + radius, cy + radius)
-             for cx, cy in centres]
+    taken = [
+        matplotlib.transforms.Bbox.from_extents(cx - radius, cy - radius, cx + radius, cy + radius)
+        for cx, cy in centres
+    ]
     order = sorted(range(len(labels)), key=lambda i: not bold[i])  # frontier labels get the best spots
     axes_box = ax.get_window_extent(renderer)
     for i in order:
@@ -119,8 +176,7 @@ def _place_labels(ax, xs, ys, labels, bold) -> None:
         taken.append(chosen)
 
 
-def scatter_panel(ax, scope: str, frame: pd.DataFrame, x_column: str, x_label: str, lower_x_better: bool,
-                  log_x: bool):
+def scatter_panel(ax, scope: str, frame: pd.DataFrame, x_column: str, x_label: str, lower_x_better: bool, log_x: bool):
     """Draw one panel; returns (x, y, labels, on frontier) of its points, labelled once the layout is final."""
     x = pd.to_numeric(frame[x_column], errors="coerce").to_numpy(dtype=float)
     y = pd.to_numeric(frame["metric_mean"], errors="coerce").to_numpy(dtype=float)
@@ -141,10 +197,27 @@ def scatter_panel(ax, scope: str, frame: pd.DataFrame, x_column: str, x_label: s
         if not pick.any():
             continue
         ax.errorbar(x[pick], y[pick], yerr=err[pick], fmt="none", ecolor=colour, alpha=0.5, elinewidth=1, capsize=2)
-        ax.scatter(x[pick & ~on_front], y[pick & ~on_front], s=38, color=colour, marker=marker, alpha=0.55,
-                   edgecolors="white", linewidths=0.6, zorder=3)
-        ax.scatter(x[pick & on_front], y[pick & on_front], s=70, color=colour, marker=marker, edgecolors="black",
-                   linewidths=1.2, zorder=4)
+        ax.scatter(
+            x[pick & ~on_front],
+            y[pick & ~on_front],
+            s=38,
+            color=colour,
+            marker=marker,
+            alpha=0.55,
+            edgecolors="white",
+            linewidths=0.6,
+            zorder=3,
+        )
+        ax.scatter(
+            x[pick & on_front],
+            y[pick & on_front],
+            s=70,
+            color=colour,
+            marker=marker,
+            edgecolors="black",
+            linewidths=1.2,
+            zorder=4,
+        )
     steps = pareto.frontier_steps(list(signed_y), list(signed_x))
     if steps:
         fx = [c if lower_x_better else -c for c, _ in steps]
@@ -166,11 +239,25 @@ def scatter_panel(ax, scope: str, frame: pd.DataFrame, x_column: str, x_label: s
 
 
 def _family_legend(fig, families) -> None:
-    handles = [plt.Line2D([], [], linestyle="none", marker=FAMILY_STYLE[f][1], color=FAMILY_STYLE[f][0], markersize=7,
-                          label=f) for f in FAMILY_STYLE if f in families]
-    handles += [plt.Line2D([], [], linestyle="none", marker="o", markerfacecolor="white", markeredgecolor="black",
-                           markeredgewidth=1.2, markersize=8, label="on the Pareto frontier"),
-                plt.Line2D([], [], color="#222", linestyle="--", linewidth=1.1, label="frontier")]
+    handles = [
+        plt.Line2D([], [], linestyle="none", marker=FAMILY_STYLE[f][1], color=FAMILY_STYLE[f][0], markersize=7, label=f)
+        for f in FAMILY_STYLE
+        if f in families
+    ]
+    handles += [
+        plt.Line2D(
+            [],
+            [],
+            linestyle="none",
+            marker="o",
+            markerfacecolor="white",
+            markeredgecolor="black",
+            markeredgewidth=1.2,
+            markersize=8,
+            label="on the Pareto frontier",
+        ),
+        plt.Line2D([], [], color="#222", linestyle="--", linewidth=1.1, label="frontier"),
+    ]
     fig.legend(handles=handles, loc="upper center", ncol=len(handles), frameon=False, bbox_to_anchor=(0.5, 1.0))
 
 
@@ -192,11 +279,25 @@ def breakdown_panel(ax, task: str, frame: pd.DataFrame) -> None:
         left += values
     measured = frame["peak_source"].fillna("").str.contains("CUDA|NVML").to_numpy()
     if measured.any():
-        ax.scatter(frame["peak_bytes"].to_numpy(dtype=float)[measured] / scale, rows[measured], marker="D", color="black",
-                   s=22, zorder=4, label="device-measured peak")
+        ax.scatter(
+            frame["peak_bytes"].to_numpy(dtype=float)[measured] / scale,
+            rows[measured],
+            marker="D",
+            color="black",
+            s=22,
+            zorder=4,
+            label="device-measured peak",
+        )
     for row, total in zip(rows, left):
-        ax.annotate(f"{total:,.0f}", (total, row), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7,
-                    color="#444")
+        ax.annotate(
+            f"{total:,.0f}",
+            (total, row),
+            xytext=(3, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=7,
+            color="#444",
+        )
     ax.set_yticks(rows, [plain(m) for m in frame["method"]])
     ax.set_xlabel(f"{unit} per training step")
     ax.set_title(plain(task))
@@ -213,18 +314,23 @@ def draw(summary: Summary, out_dir: Path) -> dict[str, str]:
     with plt.rc_context(STYLE):
         for name, (x_column, x_label, lower_better, log_x) in PLOTS.items():
             fig, axes = _grid(len(scopes))
-            points = [scatter_panel(ax, scope, frame.reset_index(drop=True), x_column, x_label, lower_better, log_x)
-                      for ax, (scope, frame) in zip(axes, scopes)]
+            points = [
+                scatter_panel(ax, scope, frame.reset_index(drop=True), x_column, x_label, lower_better, log_x)
+                for ax, (scope, frame) in zip(axes, scopes)
+            ]
             _family_legend(fig, families)
-            for ax, panel_points in zip(axes, points):  # once limits are final, so overlaps are judged where they end up
+            for ax, panel_points in zip(
+                axes, points
+            ):  # once limits are final, so overlaps are judged where they end up
                 _place_labels(ax, *panel_points)
             _save(fig, out_dir / name)
             written[name] = TITLES[name]
         tasks = [(s, f) for s, f in scopes if s != AVERAGE]
         longest = max(len(str(m)) for _, f in tasks for m in f["method"])
         margin = 0.3 + 0.075 * longest  # room for the method names on the y axis
-        fig, axes = _grid(len(tasks), ax_w=4.0, ax_h=0.2 + 0.36 * max(len(f) for _, f in tasks), left=margin,
-                          gap_w=margin + 0.3)
+        fig, axes = _grid(
+            len(tasks), ax_w=4.0, ax_h=0.2 + 0.36 * max(len(f) for _, f in tasks), left=margin, gap_w=margin + 0.3
+        )
         for ax, (task, frame) in zip(axes, tasks):
             breakdown_panel(ax, task, frame.reset_index(drop=True))
         legend = {}
@@ -232,8 +338,14 @@ def draw(summary: Summary, out_dir: Path) -> dict[str, str]:
             for handle, label in zip(*ax.get_legend_handles_labels()):
                 legend.setdefault(label, handle)
         if legend:
-            fig.legend(legend.values(), legend.keys(), loc="upper center", ncol=len(legend), frameon=False,
-                       bbox_to_anchor=(0.5, 1.0))
+            fig.legend(
+                legend.values(),
+                legend.keys(),
+                loc="upper center",
+                ncol=len(legend),
+                frameon=False,
+                bbox_to_anchor=(0.5, 1.0),
+            )
         _save(fig, out_dir / "memory_breakdown")
         written["memory_breakdown"] = TITLES["memory_breakdown"]
     return written

@@ -23,7 +23,9 @@ def import_target(target: str, where: str) -> ModuleType:
         path = Path(target).resolve()
         if not path.is_file():
             problem = "is a folder, not a Python file" if path.is_dir() else "does not exist"
-            raise UserError(where, f"plugin file '{target}' {problem}", "give a path relative to where you run the harness")
+            raise UserError(
+                where, f"plugin file '{target}' {problem}", "give a path relative to where you run the harness"
+            )
         name = f"harness_plugin_{path.stem}"
         loaded = sys.modules.get(name)
         if loaded is not None and getattr(loaded, "__file__", None) == str(path):
@@ -40,5 +42,8 @@ def import_target(target: str, where: str) -> ModuleType:
     except UserError:
         raise
     except Exception as exc:  # the plugin's own import error, shown in one line
-        raise UserError(where, f"cannot import plugin '{target}': {type(exc).__name__}: {exc}",
-                        "check the module name and that it imports") from None
+        raise UserError(
+            where,
+            f"cannot import plugin '{target}': {type(exc).__name__}: {exc}",
+            "check the module name and that it imports",
+        ) from None

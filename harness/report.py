@@ -10,10 +10,10 @@ Markdown escape for the comment. The numbers come from harness.summary.
 
 import base64
 import html
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 
@@ -26,6 +26,7 @@ FRONTIER_MARK = "★"
 
 
 # ---------------------------------------------------------------- formatting
+
 
 def fmt_metric(mean, std=float("nan")) -> str:
     if is_missing(mean):
@@ -63,32 +64,75 @@ def _status_sort(row):
 def common_columns(metric_header: str, scope: str) -> list[Column]:
     across = scope == AVERAGE
     return [
-        Column("pareto", FRONTIER_MARK, lambda r: FRONTIER_MARK if r["pareto"] else "", lambda r: 0 if r["pareto"] else 1,
-               "on the Pareto frontier of score vs peak memory"),
+        Column(
+            "pareto",
+            FRONTIER_MARK,
+            lambda r: FRONTIER_MARK if r["pareto"] else "",
+            lambda r: 0 if r["pareto"] else 1,
+            "on the Pareto frontier of score vs peak memory",
+        ),
         Column("method", "method", lambda r: str(r["method"]), lambda r: str(r["method"]), "label of the suite entry"),
         Column("family", "family", lambda r: str(r["family"]), lambda r: str(r["family"]), "baseline, PETL or METL"),
         Column("status", "status", lambda r: str(r["status"]), _status_sort, "ok, or how many cells ended how"),
-        Column("metric", metric_header, lambda r: fmt_metric(r["metric_mean"], r["metric_std"]), lambda r: r["metric_mean"],
-               "mean ± sample std over seeds that finished"),
-        Column("peak", "peak memory", lambda r: fmt_peak(r["peak_bytes"], r["peak_source"]), lambda r: r["peak_bytes"],
-               ("largest over tasks; " if across else "")
-               + "best figure the device gave: CUDA max allocated, else NVML peak, else modelled (CPU)"),
-        Column("activations", "activations", lambda r: format_bytes(r["activation_bytes"]), lambda r: r["activation_bytes"],
-               ("largest over tasks; " if across else "") + "bytes saved for backward per step (exact)"),
-        Column("trainable", "trainable params", lambda r: fmt_params(r["trainable_params"], r["trainable_pct"]),
-               lambda r: r["trainable_params"], ("largest over tasks; " if across else "") + "count (% of all parameters)"),
-        Column("throughput", "train samples/s", lambda r: fmt_number(r["train_samples_per_s"]),
-               lambda r: r["train_samples_per_s"], ("mean over tasks; " if across else "") + "after warm-up steps"),
-        Column("time", "train time" + (" (all tasks)" if across else ""), lambda r: fmt_number(r["train_seconds"], 1, " s"),
-               lambda r: r["train_seconds"], ("sum over tasks; " if across else "") + "wall time of the training phase"),
+        Column(
+            "metric",
+            metric_header,
+            lambda r: fmt_metric(r["metric_mean"], r["metric_std"]),
+            lambda r: r["metric_mean"],
+            "mean ± sample std over seeds that finished",
+        ),
+        Column(
+            "peak",
+            "peak memory",
+            lambda r: fmt_peak(r["peak_bytes"], r["peak_source"]),
+            lambda r: r["peak_bytes"],
+            ("largest over tasks; " if across else "")
+            + "best figure the device gave: CUDA max allocated, else NVML peak, else modelled (CPU)",
+        ),
+        Column(
+            "activations",
+            "activations",
+            lambda r: format_bytes(r["activation_bytes"]),
+            lambda r: r["activation_bytes"],
+            ("largest over tasks; " if across else "") + "bytes saved for backward per step (exact)",
+        ),
+        Column(
+            "trainable",
+            "trainable params",
+            lambda r: fmt_params(r["trainable_params"], r["trainable_pct"]),
+            lambda r: r["trainable_params"],
+            ("largest over tasks; " if across else "") + "count (% of all parameters)",
+        ),
+        Column(
+            "throughput",
+            "train samples/s",
+            lambda r: fmt_number(r["train_samples_per_s"]),
+            lambda r: r["train_samples_per_s"],
+            ("mean over tasks; " if across else "") + "after warm-up steps",
+        ),
+        Column(
+            "time",
+            "train time" + (" (all tasks)" if across else ""),
+            lambda r: fmt_number(r["train_seconds"], 1, " s"),
+            lambda r: r["train_seconds"],
+            ("sum over tasks; " if across else "") + "wall time of the training phase",
+        ),
     ]
 
 
 def overall_columns(summary: Summary) -> list[Column]:
     columns = common_columns("average score", AVERAGE)
     tasks = summary.header["tasks"]
-    per_task = [Column(f"task-{i}", task, lambda r, t=task: fmt_metric(r[f"task:{t}"]), lambda r, t=task: r[f"task:{t}"],
-                       f"{task}: mean of the primary metric over seeds") for i, task in enumerate(tasks)]
+    per_task = [
+        Column(
+            f"task-{i}",
+            task,
+            lambda r, t=task: fmt_metric(r[f"task:{t}"]),
+            lambda r, t=task: r[f"task:{t}"],
+            f"{task}: mean of the primary metric over seeds",
+        )
+        for i, task in enumerate(tasks)
+    ]
     return columns[:5] + per_task + columns[5:]
 
 
@@ -105,8 +149,10 @@ def glance(summary: Summary) -> tuple[str, list[tuple[str, str]]]:
         task = summary.header["tasks"][0]
         frame, title = summary.per_task[summary.per_task["task"] == task], task
     front = frame[frame["pareto"]].sort_values("peak_bytes")
-    return title, [(str(r["method"]), f"{fmt_metric(r['metric_mean'])} at {fmt_peak(r['peak_bytes'], r['peak_source'])}")
-                   for r in front.to_dict("records")]
+    return title, [
+        (str(r["method"]), f"{fmt_metric(r['metric_mean'])} at {fmt_peak(r['peak_bytes'], r['peak_source'])}")
+        for r in front.to_dict("records")
+    ]
 
 
 def failed_cells(summary: Summary) -> pd.DataFrame:
@@ -115,8 +161,10 @@ def failed_cells(summary: Summary) -> pd.DataFrame:
 
 
 def failed_columns() -> list[Column]:
-    return [Column(k, k, lambda r, k=k: MISSING if is_missing(r[k]) else str(r[k]), lambda r, k=k: r[k])
-            for k in ("task", "method", "seed", "status", "error")]
+    return [
+        Column(k, k, lambda r, k=k: MISSING if is_missing(r[k]) else str(r[k]), lambda r, k=k: r[k])
+        for k in ("task", "method", "seed", "status", "error")
+    ]
 
 
 def _count(items, noun: str) -> str:
@@ -128,13 +176,22 @@ def header_items(summary: Summary, generated: str) -> list[tuple[str, str]]:
     statuses = ", ".join(f"{n} {s}" for s, n in h["statuses"].items())
     dates = f"{h['run_dates'][0]} → {h['run_dates'][1]}" if h["run_dates"] else "unknown"
     return [
-        ("suite", h["suite"]), ("backbone", "; ".join(h["backbone"]) or "unknown"),
+        ("suite", h["suite"]),
+        ("backbone", "; ".join(h["backbone"]) or "unknown"),
         ("device", "; ".join(h["device"]) or "unknown"),
-        ("cells", f"{h['cells']} ({statuses}): {_count(h['tasks'], 'task')} × {_count(h['methods'], 'method')} × "
-                  f"{_count(h['seeds'], 'seed')}"),
+        (
+            "cells",
+            f"{h['cells']} ({statuses}): {_count(h['tasks'], 'task')} × {_count(h['methods'], 'method')} × "
+            f"{_count(h['seeds'], 'seed')}",
+        ),
         ("git commit", "; ".join(h["git_commit"]) or "unknown (not run from a git checkout)"),
-        ("packages", ", ".join(f"{name} {'/'.join(v)}" for name, v in h["packages"].items()) + (f", python {'/'.join(h['python'])}" if h["python"] else "")),
-        ("run", dates), ("report generated", generated),
+        (
+            "packages",
+            ", ".join(f"{name} {'/'.join(v)}" for name, v in h["packages"].items())
+            + (f", python {'/'.join(h['python'])}" if h["python"] else ""),
+        ),
+        ("run", dates),
+        ("report generated", generated),
     ]
 
 
@@ -166,7 +223,8 @@ tbody tr:hover td { background: #eef4ff; }
 .status { border-radius: 10px; padding: 1px 8px; font-size: 12px; background: #fde2e1; color: #82071e; }
 .status.ok { background: #dafbe1; color: #116329; }
 .fam { display: inline-block; width: 9px; height: 9px; border-radius: 2px; margin-right: 6px; }
-figure { margin: 10px 0 22px; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; border-radius: 6px; }
+figure { margin: 10px 0 22px; }
+figure img { max-width: 100%; height: auto; border: 1px solid #eee; border-radius: 6px; }
 figcaption { color: var(--muted); font-size: 13px; }
 .scroll { overflow-x: auto; }
 .notes { color: var(--muted); font-size: 13px; } .notes li { margin: 2px 0; }
@@ -193,7 +251,9 @@ document.querySelectorAll("table.sortable").forEach(function (table) {
       rows.forEach(function (row) { body.appendChild(row); });
     }
     th.addEventListener("click", sort);
-    th.addEventListener("keydown", function (e) { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); sort(); } });
+    th.addEventListener("keydown", function (e) {
+      if (e.key === "Enter" || e.key === " ") { e.preventDefault(); sort(); }
+    });
   });
 });
 """
@@ -230,8 +290,10 @@ def html_table(frame: pd.DataFrame, columns: list[Column], scope: str) -> str:
         cls = ' class="frontier"' if row.get("pareto") else ""
         cells = "".join(html_cell(c, row) for c in columns)
         rows.append(f'<tr{cls} data-scope="{esc(scope)}" data-method="{esc(row["method"])}">{cells}</tr>')
-    return (f'<div class="scroll"><table class="sortable" data-scope="{esc(scope)}"><thead><tr>{head}</tr></thead>'
-            f'<tbody>{"".join(rows)}</tbody></table></div>')
+    return (
+        f'<div class="scroll"><table class="sortable" data-scope="{esc(scope)}"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table></div>"
+    )
 
 
 def failed_html(frame: pd.DataFrame) -> str:
@@ -239,24 +301,31 @@ def failed_html(frame: pd.DataFrame) -> str:
         return "<p>Every cell finished.</p>"
     columns = failed_columns()
     head = "".join(f'<th class="col-{c.key}" scope="col">{esc(c.header)}</th>' for c in columns)
-    body = "".join(f'<tr data-scope="failed" data-method="{esc(r["method"])}">' + "".join(html_cell(c, r) for c in columns)
-                   + "</tr>" for r in frame.to_dict("records"))
-    return f'<div class="scroll"><table class="sortable" id="failed"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+    body = "".join(
+        f'<tr data-scope="failed" data-method="{esc(r["method"])}">'
+        + "".join(html_cell(c, r) for c in columns)
+        + "</tr>"
+        for r in frame.to_dict("records")
+    )
+    table = f'<table class="sortable" id="failed"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    return f'<div class="scroll">{table}</div>'
 
 
 def figure_html(out_dir: Path, name: str, title: str, caption: str) -> str:
     data = base64.b64encode((out_dir / f"{name}.png").read_bytes()).decode("ascii")
-    return (f'<figure id="fig-{esc(name)}"><img alt="{esc(title)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{esc(caption)}</figcaption></figure>")
+    return (
+        f'<figure id="fig-{esc(name)}"><img alt="{esc(title)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{esc(caption)}</figcaption></figure>"
+    )
 
 
 CAPTIONS = {
-    "pareto_memory": "Each point is a method (mean over seeds; bars: ± std). Ringed points and the dashed staircase are "
-                     "the Pareto frontier: no other method scores at least as well for less memory.",
+    "pareto_memory": "Each point is a method (mean over seeds; bars: ± std). Ringed points and the dashed "
+    "staircase are the Pareto frontier: no other method scores at least as well for less memory.",
     "metric_vs_params": "Score against the number of trained parameters (log scale); frontier as above, for this cost.",
     "metric_vs_throughput": "Score against training samples per second (higher is better); frontier as above.",
     "memory_breakdown": "What each method's modelled training memory is made of, per task (mean over seeds). "
-                        "Black diamonds: device-measured peak, where the device gave one.",
+    "Black diamonds: device-measured peak, where the device gave one.",
 }
 
 NOTES = [
@@ -266,7 +335,8 @@ NOTES = [
     "peak (weights + buffers + gradients + optimizer state + saved activations), which leaves out framework "
     "temporaries; the label beside each figure says which.",
     "Activations: bytes of distinct tensors saved for backward in one step, parameters excluded (exact on any device).",
-    "Throughput and time: samples per second over the timed steps (warm-up left out) and wall time of the training phase.",
+    "Throughput and time: samples per second over the timed steps (warm-up left out) and wall time of the "
+    "training phase.",
     "Cost figures are means over the seeds that finished; a method that failed on every seed has none, and its "
     "status says why.",
 ]
@@ -276,15 +346,21 @@ def render_html(summary: Summary, figures: dict, out_dir: Path, generated: str) 
     h = summary.header
     meta = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in header_items(summary, generated))
     scope_title, front = glance(summary)
-    glance_items = "".join(f"<li><b>{esc(m)}</b>: {esc(what)}</li>" for m, what in front) or "<li>no finished method</li>"
-    parts = [f"<h1>{esc(h['suite'])}: which method, at what cost</h1>",
-             f'<p class="sub">PETL/METL benchmark report — {esc(", ".join(h["tasks"]))}</p>',
-             f'<dl class="meta">{meta}</dl>',
-             f'<div class="glance"><b>Pareto frontier, score vs peak memory ({esc(scope_title)})</b>, cheapest first: '
-             f"every other method scores less for as much memory or more.<ol>{glance_items}</ol></div>"]
+    glance_items = (
+        "".join(f"<li><b>{esc(m)}</b>: {esc(what)}</li>" for m, what in front) or "<li>no finished method</li>"
+    )
+    parts = [
+        f"<h1>{esc(h['suite'])}: which method, at what cost</h1>",
+        f'<p class="sub">PETL/METL benchmark report — {esc(", ".join(h["tasks"]))}</p>',
+        f'<dl class="meta">{meta}</dl>',
+        f'<div class="glance"><b>Pareto frontier, score vs peak memory ({esc(scope_title)})</b>, cheapest first: '
+        f"every other method scores less for as much memory or more.<ol>{glance_items}</ol></div>",
+    ]
     if summary.broken:
-        parts.append(f'<p class="warn">{len(summary.broken)} files under the results folder are not readable records '
-                     f'and are left out: {esc("; ".join(why for _, why in summary.broken))}</p>')
+        parts.append(
+            f'<p class="warn">{len(summary.broken)} files under the results folder are not readable records '
+            f"and are left out: {esc('; '.join(why for _, why in summary.broken))}</p>"
+        )
     parts.append(figure_html(out_dir, "pareto_memory", figures["pareto_memory"], CAPTIONS["pareto_memory"]))
     if len(summary.overall):
         parts += ["<h2>Across tasks</h2>", html_table(summary.overall, overall_columns(summary), AVERAGE)]
@@ -297,18 +373,28 @@ def render_html(summary: Summary, figures: dict, out_dir: Path, generated: str) 
     for name in ("metric_vs_params", "metric_vs_throughput", "memory_breakdown"):
         parts.append(figure_html(out_dir, name, figures[name], CAPTIONS[name]))
     parts += ["<h2>Cells that did not finish</h2>", failed_html(failed_cells(summary))]
-    parts.append("<h2>How to read the numbers</h2><ul class=\"notes\">" + "".join(f"<li>{esc(n)}</li>" for n in NOTES) + "</ul>")
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>{esc(h['suite'])} report</title><style>{CSS}</style></head>\n<body>\n"
-            + "\n".join(parts) + f"\n<script>{SORT_JS}</script>\n</body></html>\n")
+    parts.append(
+        '<h2>How to read the numbers</h2><ul class="notes">' + "".join(f"<li>{esc(n)}</li>" for n in NOTES) + "</ul>"
+    )
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{esc(h['suite'])} report</title><style>{CSS}</style></head>\n<body>\n"
+        + "\n".join(parts)
+        + f"\n<script>{SORT_JS}</script>\n</body></html>\n"
+    )
 
 
 # ---------------------------------------------------------------- Markdown
 
+
 def md_table(frame: pd.DataFrame, columns: list[Column]) -> str:
-    lines = ["| " + " | ".join(markdown_cell(c.header) for c in columns) + " |",
-             "|" + "|".join(":--" if c.key in ("method", "family", "status", "task", "error") else "--:" for c in columns) + "|"]
+    lines = [
+        "| " + " | ".join(markdown_cell(c.header) for c in columns) + " |",
+        "|"
+        + "|".join(":--" if c.key in ("method", "family", "status", "task", "error") else "--:" for c in columns)
+        + "|",
+    ]
     for row in frame.to_dict("records"):
         cells = [markdown_cell(c.text(row)) for c in columns]
         if row.get("pareto"):  # bold the frontier's method, as the page highlights its row
@@ -322,9 +408,15 @@ def render_markdown(summary: Summary, figures: dict, generated: str) -> str:
     out = [f"## {markdown_cell(h['suite'])}: which method, at what cost", ""]
     out += [f"- **{markdown_cell(k)}**: {markdown_cell(v)}" for k, v in header_items(summary, generated)]
     scope_title, front = glance(summary)
-    out += ["", f"**Pareto frontier, score vs peak memory ({markdown_cell(scope_title)})**, cheapest first "
-            f"({FRONTIER_MARK} in the tables):", ""]
-    out += [f"{i}. **{markdown_cell(m)}**: {markdown_cell(what)}" for i, (m, what) in enumerate(front, 1)] or ["no finished method"]
+    out += [
+        "",
+        f"**Pareto frontier, score vs peak memory ({markdown_cell(scope_title)})**, cheapest first "
+        f"({FRONTIER_MARK} in the tables):",
+        "",
+    ]
+    out += [f"{i}. **{markdown_cell(m)}**: {markdown_cell(what)}" for i, (m, what) in enumerate(front, 1)] or [
+        "no finished method"
+    ]
     out += ["", f"![{figures['pareto_memory']}](pareto_memory.png)", ""]
     if len(summary.overall):
         out += ["### Across tasks", "", md_table(summary.overall, overall_columns(summary)), ""]
@@ -332,21 +424,33 @@ def render_markdown(summary: Summary, figures: dict, generated: str) -> str:
         out += [markdown_cell(summary.average_note), ""]
     for task, frame in summary.per_task.groupby("task", sort=False):
         out += [f"### {markdown_cell(task)}", "", md_table(frame, task_columns(frame)), ""]
-    out += ["### Costs", ""] + [f"![{figures[n]}]({n}.png)" for n in ("metric_vs_params", "metric_vs_throughput", "memory_breakdown")]
+    out += ["### Costs", ""] + [
+        f"![{figures[n]}]({n}.png)" for n in ("metric_vs_params", "metric_vs_throughput", "memory_breakdown")
+    ]
     failed = failed_cells(summary)
     if len(failed):
         out += ["", "### Cells that did not finish", "", md_table(failed.assign(pareto=False), failed_columns())]
     if summary.broken:
-        out += ["", f"{len(summary.broken)} unreadable files left out: " + markdown_cell("; ".join(w for _, w in summary.broken))]
-    out += ["", "<details><summary>How to read the numbers</summary>", ""] + [f"- {markdown_cell(n)}" for n in NOTES] + ["", "</details>", ""]
+        out += [
+            "",
+            f"{len(summary.broken)} unreadable files left out: "
+            + markdown_cell("; ".join(w for _, w in summary.broken)),
+        ]
+    out += (
+        ["", "<details><summary>How to read the numbers</summary>", ""]
+        + [f"- {markdown_cell(n)}" for n in NOTES]
+        + ["", "</details>", ""]
+    )
     return "\n".join(out)
 
 
 # ---------------------------------------------------------------- entry point
 
+
 def default_out_dir(results_dir: str | Path) -> Path:
     """reports/<suite name>, the suite named by the records (the folder's name if they name none)."""
     from harness import results
+
     suites = {r["cell"]["suite"] for r in results.scan(results_dir).records}
     return Path("reports") / (suites.pop() if len(suites) == 1 else Path(results_dir).name)
 

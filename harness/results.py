@@ -27,11 +27,34 @@ STATUSES = ("ok", "failed", "oom", "diverged", "timeout", "interrupted")
 RECORD_GLOB = "*.json"
 
 # Columns later work and users' scripts rely on; keep the names.
-CORE_COLUMNS = ["suite", "task", "method", "seed", "status", "metric_name", "metric", "trainable_params",
-                "total_params", "train_seconds"]
-MEMORY_COLUMNS = ["peak_gpu_allocated_bytes", "peak_gpu_reserved_bytes", "nvml_peak_bytes", "activation_bytes",
-                  "frozen_param_bytes", "trainable_param_bytes", "grad_bytes", "optimizer_bytes", "modelled_peak_bytes",
-                  "peak_rss_bytes", "train_samples_per_s", "train_tokens_per_s", "step_time_median_s", "step_time_p90_s"]
+CORE_COLUMNS = [
+    "suite",
+    "task",
+    "method",
+    "seed",
+    "status",
+    "metric_name",
+    "metric",
+    "trainable_params",
+    "total_params",
+    "train_seconds",
+]
+MEMORY_COLUMNS = [
+    "peak_gpu_allocated_bytes",
+    "peak_gpu_reserved_bytes",
+    "nvml_peak_bytes",
+    "activation_bytes",
+    "frozen_param_bytes",
+    "trainable_param_bytes",
+    "grad_bytes",
+    "optimizer_bytes",
+    "modelled_peak_bytes",
+    "peak_rss_bytes",
+    "train_samples_per_s",
+    "train_tokens_per_s",
+    "step_time_median_s",
+    "step_time_p90_s",
+]
 
 
 def cell_key(task: str, label: str, seed: int) -> str:
@@ -43,9 +66,21 @@ def new_record(cell: dict, *, config_hash: str, code: dict, method_info: list[di
     """The one constructor of records: every section present, empty until the run fills it in. The worker
     starts from it; the runner too, for the outcomes a worker does not live to write (killed, timed out,
     interrupted). `code` and `method_info` say what produced the record, so readers need not import it."""
-    return {"schema_version": SCHEMA_VERSION, "cell": cell, "config_hash": config_hash, "code": code,
-            "method_info": method_info, "status": "failed", "error": None, "metrics": {}, "params": {},
-            "measurements": {}, "train": {}, "env": {}, "started_at": _timestamp(started)}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "cell": cell,
+        "config_hash": config_hash,
+        "code": code,
+        "method_info": method_info,
+        "status": "failed",
+        "error": None,
+        "metrics": {},
+        "params": {},
+        "measurements": {},
+        "train": {},
+        "env": {},
+        "started_at": _timestamp(started),
+    }
 
 
 def finish(record: dict, started: float) -> dict:
@@ -74,8 +109,12 @@ def write_atomic(path: Path, data: dict) -> None:
 
 def is_record(obj) -> bool:
     """Whether a decoded JSON value is a result record of this schema."""
-    return isinstance(obj, dict) and obj.get("schema_version") == SCHEMA_VERSION and obj.get("status") in STATUSES \
+    return (
+        isinstance(obj, dict)
+        and obj.get("schema_version") == SCHEMA_VERSION
+        and obj.get("status") in STATUSES
         and isinstance(obj.get("cell"), dict)
+    )
 
 
 def read_record(path: Path) -> dict:
@@ -114,15 +153,24 @@ def to_row(record: dict) -> dict:
     metrics = record.get("metrics") or {}
     params = record.get("params") or {}
     row = {
-        "suite": cell["suite"], "task": cell["task"]["name"], "method": cell["label"],
-        "method_stack": "+".join(c["ref"] for c in cell["method"]), "seed": cell["seed"], "status": record["status"],
-        "metric_name": primary, "metric": metrics.get(primary, {}).get("value"),
+        "suite": cell["suite"],
+        "task": cell["task"]["name"],
+        "method": cell["label"],
+        "method_stack": "+".join(c["ref"] for c in cell["method"]),
+        "seed": cell["seed"],
+        "status": record["status"],
+        "metric_name": primary,
+        "metric": metrics.get(primary, {}).get("value"),
         "higher_is_better": metrics.get(primary, {}).get("higher_is_better"),
-        "trainable_params": params.get("trainable"), "total_params": params.get("total"),
+        "trainable_params": params.get("trainable"),
+        "total_params": params.get("total"),
         "train_seconds": record.get("measurements", {}).get("train_seconds"),
-        "backbone": cell.get("backbone_description"), "device": record.get("env", {}).get("device"),
-        "config_hash": record.get("config_hash"), "error": (record.get("error") or {}).get("message"),
-        "path": record.get("_path"), "family": stack_family(record),
+        "backbone": cell.get("backbone_description"),
+        "device": record.get("env", {}).get("device"),
+        "config_hash": record.get("config_hash"),
+        "error": (record.get("error") or {}).get("message"),
+        "path": record.get("_path"),
+        "family": stack_family(record),
     }
     for name, m in metrics.items():
         row[f"metric_{name}"] = m.get("value")
@@ -172,8 +220,14 @@ EXPORT_KIND = "harness-baseline"  # marks a baseline file written by `export`
 def write_export(records: list[dict], source: str | Path, out_file: Path) -> None:
     """Many records in one file, the form a committed baseline takes. `scan` reads files in name order,
     so a refreshed baseline file diffs cleanly against the old one."""
-    write_atomic(out_file, {"kind": EXPORT_KIND, "source": str(source),
-                            "records": [{k: v for k, v in r.items() if k != "_path"} for r in records]})
+    write_atomic(
+        out_file,
+        {
+            "kind": EXPORT_KIND,
+            "source": str(source),
+            "records": [{k: v for k, v in r.items() if k != "_path"} for r in records],
+        },
+    )
 
 
 def read_records(path: str | Path) -> list[dict]:
@@ -183,15 +237,22 @@ def read_records(path: str | Path) -> list[dict]:
         found = scan(path)
         if found.broken:
             bad, why = found.broken[0]
-            raise UserError(str(bad), why.removeprefix(f"{bad}: "), "rerun that cell, or move the file out of the results directory")
+            raise UserError(
+                str(bad), why.removeprefix(f"{bad}: "), "rerun that cell, or move the file out of the results directory"
+            )
         records = found.records
     elif path.is_file():
         records = _read_export(path)
     else:
-        raise UserError(str(path), "no such results directory or baseline file",
-                        "give a directory written by `harness run` or a file written by `harness export`")
+        raise UserError(
+            str(path),
+            "no such results directory or baseline file",
+            "give a directory written by `harness run` or a file written by `harness export`",
+        )
     if not records:
-        raise UserError(str(path), "holds no result records", "run a suite into it first: python -m harness run SUITE --out DIR")
+        raise UserError(
+            str(path), "holds no result records", "run a suite into it first: python -m harness run SUITE --out DIR"
+        )
     return records
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from harness import backbone, code_version, data, results, worker
 from harness.config import Cell, Suite
 from harness.errors import UserError
+from harness.formatting import format_bytes
 
 # Outcomes of the configuration itself; others (failed, timeout, interrupted) come
 # from circumstances, and a rerun tries them again.
@@ -33,8 +34,11 @@ def preflight(suite: Suite, data_dir: Path | None) -> None:
     try:
         backbone.load_tokenizer(suite.backbone, suite.trust_remote_code)
     except Exception as exc:
-        raise UserError(f"{suite.path}.backbone", f"cannot load '{suite.backbone}': {type(exc).__name__}",
-                        "give a local model folder, or a hub id with network access") from None
+        raise UserError(
+            f"{suite.path}.backbone",
+            f"cannot load '{suite.backbone}': {type(exc).__name__}",
+            "give a local model folder, or a hub id with network access",
+        ) from None
 
 
 def lock_path(out_dir: Path) -> Path:
@@ -51,8 +55,11 @@ def locked(out_dir: Path):
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(str(out_dir), f"cannot create the results directory: {exc.strerror or exc}",
-                        "pass an --out in a folder you can write") from None
+        raise UserError(
+            str(out_dir),
+            f"cannot create the results directory: {exc.strerror or exc}",
+            "pass an --out in a folder you can write",
+        ) from None
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise UserError(str(out_dir), "results directory is not writable", "pass an --out in a folder you can write")
     path = lock_path(out_dir)
@@ -64,8 +71,11 @@ def locked(out_dir: Path):
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        raise UserError(str(out_dir), f"results directory is in use by {holder}",
-                        "wait for that run to finish, or pass another --out") from None
+        raise UserError(
+            str(out_dir),
+            f"results directory is in use by {holder}",
+            "wait for that run to finish, or pass another --out",
+        ) from None
     handle.truncate(0)
     handle.write(f"pid {os.getpid()} writing {out_dir.resolve()}\n")
     handle.flush()
@@ -108,8 +118,13 @@ def _worker_context():
 def run_cell_process(cell: Cell, path: Path, data_dir: Path | None, device: str, known: dict) -> dict:
     """One worker process; records the outcomes the worker cannot (killed, timed out, interrupted).
     `known` is the cell's provenance (worker.provenance), computed once, when the runner decided to run it."""
-    job = {"cell": cell.to_dict(), "provenance": known, "device": device, "progress": sys.stderr.isatty(),
-           "data_dir": str(data_dir) if data_dir else None}
+    job = {
+        "cell": cell.to_dict(),
+        "provenance": known,
+        "device": device,
+        "progress": sys.stderr.isatty(),
+        "data_dir": str(data_dir) if data_dir else None,
+    }
     started = time.time()
     proc = _worker_context().Process(target=worker.run_job, args=(job, str(path)), name=f"cell {cell.key}")
     proc.start()
@@ -134,8 +149,12 @@ def run_cell_process(cell: Cell, path: Path, data_dir: Path | None, device: str,
         # SIGKILL is also how the host's OOM killer ends a process, but a user's kill -9 looks
         # the same: record it as failed (retried on rerun) and say both.
         status = "failed"
-        message = (f"worker killed by {killed}" + (" (the host's out-of-memory killer sends this)" if killed == "SIGKILL" else "")
-                   if killed else f"worker exited with status {proc.exitcode}")
+        message = (
+            f"worker killed by {killed}"
+            + (" (the host's out-of-memory killer sends this)" if killed == "SIGKILL" else "")
+            if killed
+            else f"worker exited with status {proc.exitcode}"
+        )
     if status is not None:
         return _write_outcome(cell, path, known, status, message, started)
     return results.read_record(path)
@@ -160,12 +179,20 @@ def summarize(record: dict) -> str:
     primary = record["cell"]["task"]["primary_metric"]
     score = record["metrics"].get(primary)
     act = m.get("activation_bytes")
-    return (f"ok  {primary}={score['value']:.4f}" if score else "ok  (not evaluated)") + (f"  train {m.get('train_seconds', 0):.1f}s"
-            + (f"  activations {act / 2**20:.1f} MiB" if act is not None else ""))
+    return (f"ok  {primary}={score['value']:.4f}" if score else "ok  (not evaluated)") + (
+        f"  train {m.get('train_seconds', 0):.1f}s" + (f"  activations {format_bytes(act)}" if act is not None else "")
+    )
 
 
-def run_suite(suite: Suite, out_dir: Path, data_dir: Path | None, device: str = "auto", fresh: bool = False,
-              max_train_samples: int | None = None, log=log_line) -> list[dict]:
+def run_suite(
+    suite: Suite,
+    out_dir: Path,
+    data_dir: Path | None,
+    device: str = "auto",
+    fresh: bool = False,
+    max_train_samples: int | None = None,
+    log=log_line,
+) -> list[dict]:
     preflight(suite, data_dir)
     cells = suite.cells(max_train_samples)
     previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)

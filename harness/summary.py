@@ -30,13 +30,27 @@ from harness.errors import UserError
 from harness.formatting import is_missing
 
 # (column, label) in order of preference; the label says where a peak figure came from.
-PEAK_SOURCES = [("peak_gpu_allocated_bytes", "CUDA allocated"), ("nvml_peak_bytes", "NVML"),
-                ("modelled_peak_bytes", "modelled")]
+PEAK_SOURCES = [
+    ("peak_gpu_allocated_bytes", "CUDA allocated"),
+    ("nvml_peak_bytes", "NVML"),
+    ("modelled_peak_bytes", "modelled"),
+]
 # Stacked memory breakdown: (label, columns summed). Buffers are frozen state, shown with frozen weights.
-BREAKDOWN = [("frozen weights", ("frozen_param_bytes", "buffer_bytes")), ("trainable weights", ("trainable_param_bytes",)),
-             ("gradients", ("grad_bytes",)), ("optimizer state", ("optimizer_bytes",)), ("activations", ("activation_bytes",))]
-COST_COLUMNS = ["peak_bytes", "activation_bytes", "trainable_params", "total_params", "train_samples_per_s",
-                "train_seconds"] + [label for label, _ in BREAKDOWN]
+BREAKDOWN = [
+    ("frozen weights", ("frozen_param_bytes", "buffer_bytes")),
+    ("trainable weights", ("trainable_param_bytes",)),
+    ("gradients", ("grad_bytes",)),
+    ("optimizer state", ("optimizer_bytes",)),
+    ("activations", ("activation_bytes",)),
+]
+COST_COLUMNS = [
+    "peak_bytes",
+    "activation_bytes",
+    "trainable_params",
+    "total_params",
+    "train_samples_per_s",
+    "train_seconds",
+] + [label for label, _ in BREAKDOWN]
 AVERAGE = "average"  # the task name under which across-task figures are plotted
 
 
@@ -65,11 +79,16 @@ def summarize(directory: str | Path) -> Summary:
     found = results.scan(directory)
     if not found.records:
         why = f"; {len(found.broken)} unreadable files, e.g. {found.broken[0][1]}" if found.broken else ""
-        raise UserError(str(directory), f"no result records found{why}", "give the folder `harness run` wrote (results/<suite>)")
+        raise UserError(
+            str(directory), f"no result records found{why}", "give the folder `harness run` wrote (results/<suite>)"
+        )
     suites = sorted({r["cell"]["suite"] for r in found.records})
     if len(suites) > 1:
-        raise UserError(str(directory), f"holds records of several suites ({', '.join(suites)})",
-                        "report one suite's folder, e.g. results/<suite>")
+        raise UserError(
+            str(directory),
+            f"holds records of several suites ({', '.join(suites)})",
+            "report one suite's folder, e.g. results/<suite>",
+        )
     cells = prepare_cells(results.to_frame(found.records))
     per_task = aggregate_tasks(cells)
     overall, note = aggregate_overall(per_task, cells)
@@ -83,8 +102,9 @@ def prepare_cells(frame: pd.DataFrame) -> pd.DataFrame:
     frame["peak_bytes"] = [p for p, _ in peaks]
     frame["peak_source"] = [s for _, s in peaks]
     for label, columns in BREAKDOWN:
-        parts = pd.DataFrame({c: pd.to_numeric(frame[c], errors="coerce") if c in frame else np.nan for c in columns},
-                             index=frame.index)
+        parts = pd.DataFrame(
+            {c: pd.to_numeric(frame[c], errors="coerce") if c in frame else np.nan for c in columns}, index=frame.index
+        )
         frame[label] = parts.sum(axis=1, min_count=1)  # empty when the record has none of them
     numeric = ["metric", "activation_bytes", "trainable_params", "total_params", "train_samples_per_s", "train_seconds"]
     frame[numeric] = frame[numeric].apply(pd.to_numeric, errors="coerce")
@@ -109,26 +129,35 @@ def aggregate_tasks(cells: pd.DataFrame) -> pd.DataFrame:
     for (task, method), group in cells.groupby(["task", "method"], sort=False):
         ok = group[group["status"] == "ok"]
         errors = group.loc[group["status"] != "ok", "error"].dropna()
-        row = {"task": task, "method": method, "family": group["family"].iloc[0],
-               "method_stack": group["method_stack"].iloc[0], "status": status_text(group["status"]),
-               "seeds": len(group), "seeds_ok": len(ok), "metric_name": group["metric_name"].iloc[0],
-               "higher_is_better": _first(group["higher_is_better"]),
-               "metric_mean": ok["metric"].mean() if len(ok) else np.nan, "metric_std": _std(ok["metric"]),
-               "peak_source": "/".join(sorted(set(ok["peak_source"].dropna()))) or None,
-               "error": errors.iloc[0] if len(errors) else None}
+        row = {
+            "task": task,
+            "method": method,
+            "family": group["family"].iloc[0],
+            "method_stack": group["method_stack"].iloc[0],
+            "status": status_text(group["status"]),
+            "seeds": len(group),
+            "seeds_ok": len(ok),
+            "metric_name": group["metric_name"].iloc[0],
+            "higher_is_better": _first(group["higher_is_better"]),
+            "metric_mean": ok["metric"].mean() if len(ok) else np.nan,
+            "metric_std": _std(ok["metric"]),
+            "peak_source": "/".join(sorted(set(ok["peak_source"].dropna()))) or None,
+            "error": errors.iloc[0] if len(errors) else None,
+        }
         for column in COST_COLUMNS:
             row[column] = pd.to_numeric(ok[column], errors="coerce").mean() if len(ok) else np.nan
         rows.append(row)
     table = pd.DataFrame(rows)
     table["trainable_pct"] = 100 * table["trainable_params"] / table["total_params"]
     table["pareto"] = False
-    for task, group in table.groupby("task", sort=False):
+    for _, group in table.groupby("task", sort=False):
         sign = 1 if higher_is_better(group) else -1
         mask = pareto.frontier_mask(list(sign * group["metric_mean"]), list(group["peak_bytes"]))
         table.loc[group.index, "pareto"] = mask
     # Cheapest first: read down a task's rows and the frontier climbs; failed rows last.
-    return table.sort_values(["task", "peak_bytes", "method"], key=_task_order(table), na_position="last",
-                             ignore_index=True)
+    return table.sort_values(
+        ["task", "peak_bytes", "method"], key=_task_order(table), na_position="last", ignore_index=True
+    )
 
 
 def _task_order(table):
@@ -153,24 +182,35 @@ def aggregate_overall(per_task: pd.DataFrame, cells: pd.DataFrame) -> tuple[pd.D
         return pd.DataFrame(), None
     lower = [t for t, group in per_task.groupby("task", sort=False) if not higher_is_better(group)]
     if len(lower):
-        return pd.DataFrame(), (f"no average across tasks: the primary metric of {', '.join(lower)} is lower-is-better, "
-                                "and an average of mixed directions means nothing")
+        return pd.DataFrame(), (
+            f"no average across tasks: the primary metric of {', '.join(lower)} is lower-is-better, "
+            "and an average of mixed directions means nothing"
+        )
     rows = []
     for method, group in per_task.groupby("method", sort=False):
         by_task = group.set_index("task")
         complete = all(t in by_task.index and not is_missing(by_task.loc[t, "metric_mean"]) for t in tasks)
         mine = cells[(cells["method"] == method) & (cells["status"] == "ok")]
-        per_seed = mine.pivot_table(index="seed", columns="task", values="metric", aggfunc="mean").reindex(columns=tasks)
+        per_seed = mine.pivot_table(index="seed", columns="task", values="metric", aggfunc="mean").reindex(
+            columns=tasks
+        )
         seed_averages = per_seed.dropna().mean(axis=1)
-        row = {"method": method, "family": group["family"].iloc[0], "method_stack": group["method_stack"].iloc[0],
-               "status": status_text(cells.loc[cells["method"] == method, "status"]),
-               "tasks_ok": int(group["metric_mean"].notna().sum()), "tasks": len(tasks),
-               "metric_mean": by_task["metric_mean"].reindex(tasks).mean() if complete else np.nan,
-               "metric_std": _std(seed_averages) if complete else np.nan,
-               "peak_bytes": group["peak_bytes"].max(), "activation_bytes": group["activation_bytes"].max(),
-               "peak_source": "/".join(sorted({s for v in group["peak_source"].dropna() for s in v.split("/")})) or None,
-               "trainable_params": group["trainable_params"].max(), "train_samples_per_s": group["train_samples_per_s"].mean(),
-               "train_seconds": group["train_seconds"].sum(min_count=1)}
+        row = {
+            "method": method,
+            "family": group["family"].iloc[0],
+            "method_stack": group["method_stack"].iloc[0],
+            "status": status_text(cells.loc[cells["method"] == method, "status"]),
+            "tasks_ok": int(group["metric_mean"].notna().sum()),
+            "tasks": len(tasks),
+            "metric_mean": by_task["metric_mean"].reindex(tasks).mean() if complete else np.nan,
+            "metric_std": _std(seed_averages) if complete else np.nan,
+            "peak_bytes": group["peak_bytes"].max(),
+            "activation_bytes": group["activation_bytes"].max(),
+            "peak_source": "/".join(sorted({s for v in group["peak_source"].dropna() for s in v.split("/")})) or None,
+            "trainable_params": group["trainable_params"].max(),
+            "train_samples_per_s": group["train_samples_per_s"].mean(),
+            "train_seconds": group["train_seconds"].sum(min_count=1),
+        }
         largest = group["trainable_params"].idxmax() if group["trainable_params"].notna().any() else None
         row["trainable_pct"] = group.loc[largest, "trainable_pct"] if largest is not None else np.nan
         for task in tasks:
@@ -208,5 +248,6 @@ def describe_run(records: list[dict]) -> dict:
         "tasks": list(dict.fromkeys(c["task"]["name"] for c in cells)),
         "methods": list(dict.fromkeys(c["label"] for c in cells)),
         "seeds": sorted({c["seed"] for c in cells}),
-        "cells": len(records), "statuses": {s: int(n) for s, n in statuses.items()},
+        "cells": len(records),
+        "statuses": {s: int(n) for s, n in statuses.items()},
     }

@@ -39,7 +39,7 @@ def micro_batches(batch: dict, size: int | None):
     n = len(batch["labels"])
     size = size or n
     for start in range(0, n, size):
-        yield {k: v[start:start + size] for k, v in batch.items()}
+        yield {k: v[start : start + size] for k, v in batch.items()}
 
 
 def make_optimizer(param_groups, weight_decay: float) -> torch.optim.AdamW:

@@ -20,20 +20,29 @@ def yaml_file(path: Path, what: str, example: str):
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise UserError(str(path), f"not a UTF-8 text file (byte {exc.object[exc.start:exc.start + 1]!r} at offset {exc.start})",
-                        f"save the {what} as UTF-8 YAML") from None
+        raise UserError(
+            str(path),
+            f"not a UTF-8 text file (byte {exc.object[exc.start : exc.start + 1]!r} at offset {exc.start})",
+            f"save the {what} as UTF-8 YAML",
+        ) from None
     except PermissionError:
         raise UserError(str(path), "cannot be read: permission denied", "make it readable (e.g. chmod a+r)") from None
     except OSError as exc:
-        raise UserError(str(path), f"cannot be read: {exc.strerror or exc}", f"give the path of a {what} YAML, e.g. {example}") from None
+        raise UserError(
+            str(path), f"cannot be read: {exc.strerror or exc}", f"give the path of a {what} YAML, e.g. {example}"
+        ) from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        if isinstance(exc, yaml.constructor.ConstructorError) and "tag" in problem:  # e.g. !!python/object: plain data only
-            raise UserError(f"{path}{at}", f"YAML tag not allowed: {problem}", f"{what}s are plain data; remove the tag") from None
+        if (
+            isinstance(exc, yaml.constructor.ConstructorError) and "tag" in problem
+        ):  # e.g. !!python/object: plain data only
+            raise UserError(
+                f"{path}{at}", f"YAML tag not allowed: {problem}", f"{what}s are plain data; remove the tag"
+            ) from None
         raise UserError(f"{path}{at}", f"YAML syntax error: {problem}", "fix the YAML at that line") from None
 
 

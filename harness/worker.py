@@ -58,13 +58,19 @@ def provenance(cell: Cell) -> dict:
     """What a cell's record says produced it: its settings' hash, the source files its result depends on
     (harness.code_version), and what each method of its stack is, so that readers need not import methods."""
     classes = [resolve(c.ref, f"cell {cell.entry.label}") for c in cell.entry.components]
-    return {"config_hash": cell.config_hash(), "code": code_version.cell_code(classes),
-            "method_info": [{"ref": c.ref, "name": cls.name, "family": cls.family, "description": cls.description}
-                            for c, cls in zip(cell.entry.components, classes)]}
+    return {
+        "config_hash": cell.config_hash(),
+        "code": code_version.cell_code(classes),
+        "method_info": [
+            {"ref": c.ref, "name": cls.name, "family": cls.family, "description": cls.description}
+            for c, cls in zip(cell.entry.components, classes)
+        ],
+    }
 
 
-def run_cell(cell: Cell, data_dir: Path | None, device_name: str = "auto", progress: bool = True,
-             known: dict | None = None) -> dict:
+def run_cell(
+    cell: Cell, data_dir: Path | None, device_name: str = "auto", progress: bool = True, known: dict | None = None
+) -> dict:
     """Train and evaluate one cell here; its record, whatever the outcome. `known` is the cell's
     `provenance`, as the runner computed it when it decided to run the cell."""
     started = time.time()
@@ -81,15 +87,25 @@ def run_cell(cell: Cell, data_dir: Path | None, device_name: str = "auto", progr
         collate = data.make_collate(tokenizer, settings.padding, settings.max_seq_length)
         generator = torch.Generator().manual_seed(cell.seed)
         train_loader = torch.utils.data.DataLoader(
-            data.Encoded(task, train_frame, tokenizer, settings.max_seq_length), batch_size=settings.batch_size,
-            shuffle=True, generator=generator, collate_fn=collate, drop_last=len(train_frame) > settings.batch_size)
+            data.Encoded(task, train_frame, tokenizer, settings.max_seq_length),
+            batch_size=settings.batch_size,
+            shuffle=True,
+            generator=generator,
+            collate_fn=collate,
+            drop_last=len(train_frame) > settings.batch_size,
+        )
         eval_loader = torch.utils.data.DataLoader(
-            data.Encoded(task, eval_frame, tokenizer, settings.max_seq_length), batch_size=settings.eval_batch_size,
-            collate_fn=collate)
+            data.Encoded(task, eval_frame, tokenizer, settings.max_seq_length),
+            batch_size=settings.eval_batch_size,
+            collate_fn=collate,
+        )
         model, declared, groups, value_dependent = build(cell, total_steps(settings, len(train_loader)))
         model.to(device)
-        record["params"] = {"trainable": count(p for p in model.parameters() if p.requires_grad),
-                            "total": count(model.parameters()), "declared_trainable": declared}
+        record["params"] = {
+            "trainable": count(p for p in model.parameters() if p.requires_grad),
+            "total": count(model.parameters()),
+            "declared_trainable": declared,
+        }
         record["measurements"]["setup_seconds"] = time.time() - started
 
         # per_shape counting is exact only where the shapes decide what is saved
@@ -97,13 +113,23 @@ def run_cell(cell: Cell, data_dir: Path | None, device_name: str = "auto", progr
         meter = Meter(model, device, settings.timing_warmup_steps, settings.nvml_interval_s, count_activations=counting)
         with meter.phase("train"):
             losses = train(model, groups, train_loader, settings, device, meter, progress)
-        record["train"] = {"steps": len(losses), "first_loss": losses[0], "final_loss": losses[-1], "losses": losses,
-                           "train_examples": len(train_frame)}
+        record["train"] = {
+            "steps": len(losses),
+            "first_loss": losses[0],
+            "final_loss": losses[-1],
+            "losses": losses,
+            "train_examples": len(train_frame),
+        }
         if settings.evaluate:
             with meter.phase("eval"):
                 predictions, references, n = predict(model, eval_loader, task, device, settings.precision, progress)
-            record["metrics"] = {name: {"value": METRICS[name](predictions, references),
-                                        "higher_is_better": METRICS[name].higher_is_better} for name in task.metrics}
+            record["metrics"] = {
+                name: {
+                    "value": METRICS[name](predictions, references),
+                    "higher_is_better": METRICS[name].higher_is_better,
+                }
+                for name in task.metrics
+            }
         record["status"] = "ok"
     except Diverged as exc:
         record.update(status="diverged", error=_error(exc))
@@ -138,13 +164,22 @@ def limit_host_memory(gigabytes: float | None) -> None:
 
 def _error(exc: BaseException) -> dict:
     tail = traceback.format_exception(exc)[-12:]
-    return {"type": type(exc).__name__, "message": str(exc).strip().splitlines()[0][:500] if str(exc).strip() else type(exc).__name__,
-            "traceback_tail": "".join(tail)[-4000:]}
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc).strip().splitlines()[0][:500] if str(exc).strip() else type(exc).__name__,
+        "traceback_tail": "".join(tail)[-4000:],
+    }
 
 
 # Imported once by the fork server, so that each cell's process starts warm.
-PRELOAD = ["harness.worker", "harness.method", "transformers.models.auto.modeling_auto",
-           "transformers.models.auto.tokenization_auto", "transformers.models.bert.modeling_bert", "peft"]
+PRELOAD = [
+    "harness.worker",
+    "harness.method",
+    "transformers.models.auto.modeling_auto",
+    "transformers.models.auto.tokenization_auto",
+    "transformers.models.bert.modeling_bert",
+    "peft",
+]
 
 
 def run_job(job: dict, record_path: str) -> None:
@@ -156,8 +191,13 @@ def run_job(job: dict, record_path: str) -> None:
     tqdm.tqdm.set_lock(threading.RLock())
     limit_host_memory(job["cell"]["train"].get("host_memory_limit_gb"))
     try:
-        record = run_cell(Cell.from_dict(job["cell"]), Path(job["data_dir"]) if job["data_dir"] else None, job["device"],
-                          job["progress"], job["provenance"])
+        record = run_cell(
+            Cell.from_dict(job["cell"]),
+            Path(job["data_dir"]) if job["data_dir"] else None,
+            job["device"],
+            job["progress"],
+            job["provenance"],
+        )
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the runner records the cell
         # The runner forwards the interrupt too (SIGTERM reaches it alone); a second SIGINT arriving while
         # this process exits would raise inside multiprocessing's exit handlers and print their traceback.

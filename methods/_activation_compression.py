@@ -57,6 +57,7 @@ from torch import nn
 @dataclass(frozen=True)
 class Policy:
     """Which saved activations are compressed, and to how many bits (None: kept exact)."""
+
     linear_bits: int | None  # inputs of Linear layers with a trainable weight
     norm_bits: int | None  # inputs of LayerNorm
     act_bits: int | None  # elementwise activations (GELU...)
@@ -77,6 +78,7 @@ class Policy:
 
 # --------------------------------------------------------------------- quantisation
 
+
 def check_bits(bits: int, group_size: int) -> None:
     """The user-facing checks of a compression method's `bits` and `group_size` hyperparameters."""
     if bits not in (4, 8):
@@ -93,7 +95,7 @@ def quantize(x: torch.Tensor, bits: int, group_size: int):
         flat = torch.cat([flat, flat[-1:].expand(pad)])
     groups = flat.view(-1, group_size)
     lo = groups.amin(1, keepdim=True)
-    levels = 2 ** bits - 1
+    levels = 2**bits - 1
     step = (groups.amax(1, keepdim=True) - lo) / levels
     step = torch.where(step > 0, step, torch.ones_like(step))  # a constant group: any step is exact
     codes = torch.round((groups - lo) / step).clamp_(0, levels).to(torch.uint8)
@@ -121,7 +123,7 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
     bits = (packed.unsqueeze(1) >> _SHIFTS.to(packed.device)) & 1
-    return bits.reshape(-1)[:math.prod(shape)].reshape(shape).bool()
+    return bits.reshape(-1)[: math.prod(shape)].reshape(shape).bool()
 
 
 class Stored:
@@ -156,7 +158,7 @@ def save(ctx, *items: Stored | torch.Tensor | None) -> None:
 def load(ctx) -> list:
     tensors, out, i = ctx.saved_tensors, [], 0
     for item, n in ctx.layout:
-        part = tensors[i:i + n]
+        part = tensors[i : i + n]
         out.append(item.restore(part) if item is not None else part[0])
         i += n
     return out
@@ -181,6 +183,7 @@ def quantize_shared(x: torch.Tensor, bits: int, group_size: int):
 
 
 # --------------------------------------------------------------------- autograd ops
+
 
 def _weight_grad(g: torch.Tensor, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return (g.reshape(-1, g.shape[-1]).float().t() @ x.reshape(-1, x.shape[-1]).float()).to(like.dtype)
@@ -322,8 +325,13 @@ class CompressedAttention(torch.autograd.Function):
         out = torch.matmul(dropped.to(v.dtype), v)
         ctx.scaling, ctx.p, ctx.seed, ctx.dtypes = scaling, p, seed, (q.dtype, k.dtype, v.dtype)
         g = policy.group_size
-        save(ctx, Stored(q, policy.qkv_bits, g), Stored(k, policy.qkv_bits, g), Stored(v, policy.qkv_bits, g),
-             compact_mask(mask))
+        save(
+            ctx,
+            Stored(q, policy.qkv_bits, g),
+            Stored(k, policy.qkv_bits, g),
+            Stored(v, policy.qkv_bits, g),
+            compact_mask(mask),
+        )
         return out
 
     @staticmethod
@@ -343,6 +351,7 @@ class CompressedAttention(torch.autograd.Function):
 
 # --------------------------------------------------------------------- installing the ops
 
+
 def _attention_function(policy: Policy):
     """An AttentionInterface function: the compressed op when a graph is built, SDPA otherwise."""
 
@@ -351,8 +360,9 @@ def _attention_function(policy: Policy):
         if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
             out = CompressedAttention.apply(query, key, value, attention_mask, scaling, dropout, policy)
         else:
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                                 scale=scaling)
+            out = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling
+            )
         return out.transpose(1, 2).contiguous(), None
 
     return attention
@@ -388,6 +398,7 @@ def _linear_forward(bits, group_size):
         if torch.is_grad_enabled() and self.weight.requires_grad:
             return CompressedLinear.apply(x, self.weight, self.bias, bits, group_size)
         return F.linear(x, self.weight, self.bias)  # a frozen weight needs no saved input
+
     return forward
 
 
@@ -397,6 +408,7 @@ def _norm_forward(bits, group_size):
         if torch.is_grad_enabled() and any(t.requires_grad for t in params):
             return CompressedLayerNorm.apply(x, self.weight, self.bias, self.eps, bits, group_size)
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
     return forward
 
 
@@ -405,6 +417,7 @@ def _activation_forward(original, store, bits, group_size):
         if torch.is_grad_enabled() and x.requires_grad:
             return CompressedActivation.apply(x, original, store, bits, group_size)
         return original(x)
+
     return forward
 
 
@@ -422,8 +435,12 @@ def install(model: nn.Module, policy: Policy) -> dict:
         if policy.linear_bits and isinstance(module, nn.Linear) and kind.forward is nn.Linear.forward:
             _patch(module, _linear_forward(policy.linear_bits, policy.group_size))
             counts["linear"] += 1
-        elif (policy.norm_bits and isinstance(module, nn.LayerNorm) and kind.forward is nn.LayerNorm.forward
-              and len(module.normalized_shape) == 1):
+        elif (
+            policy.norm_bits
+            and isinstance(module, nn.LayerNorm)
+            and kind.forward is nn.LayerNorm.forward
+            and len(module.normalized_shape) == 1
+        ):
             _patch(module, _norm_forward(policy.norm_bits, policy.group_size))
             counts["layernorm"] += 1
         elif policy.act_bits and _is_activation(module):

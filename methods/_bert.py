@@ -36,14 +36,21 @@ def encoder_layers(model: torch.nn.Module, method: str) -> list[torch.nn.Module]
         for i, layer in enumerate(layers):
             # a linear layer, or one a peft method has already wrapped (it keeps in_features)
             missing = [p for p in LINEAR_PATHS.values() if not hasattr(_get(layer, p), "in_features")]
-            missing += [f"{s}.{part}" for s in ("attention.output", "output") for part in _SUBLAYER_PARTS
-                        if _get(layer, f"{s}.{part}") is None]
+            missing += [
+                f"{s}.{part}"
+                for s in ("attention.output", "output")
+                for part in _SUBLAYER_PARTS
+                if _get(layer, f"{s}.{part}") is None
+            ]
             if missing:
                 problem = f"encoder layer {i} lacks {', '.join(missing)}"
                 break
     if problem:
-        raise UserError(f"method '{method}'", f"{type(model).__name__} is not a BERT-family encoder: {problem}",
-                        "use a BERT-style backbone (BERT, RoBERTa, ELECTRA, MiniLM, ...), or a method that supports this model")
+        raise UserError(
+            f"method '{method}'",
+            f"{type(model).__name__} is not a BERT-family encoder: {problem}",
+            "use a BERT-style backbone (BERT, RoBERTa, ELECTRA, MiniLM, ...), or a method that supports this model",
+        )
     return list(layers)
 
 
@@ -69,7 +76,9 @@ def check_targets(targets) -> None:
 def layer_norms(model: torch.nn.Module) -> dict[str, torch.nn.LayerNorm]:
     """Every LayerNorm of the pretrained backbone (not of the head), by qualified name."""
     prefix = model.base_model_prefix + "."
-    return {name: m for name, m in model.named_modules() if name.startswith(prefix) and isinstance(m, torch.nn.LayerNorm)}
+    return {
+        name: m for name, m in model.named_modules() if name.startswith(prefix) and isinstance(m, torch.nn.LayerNorm)
+    }
 
 
 def _get(module, path: str):

@@ -23,8 +23,10 @@ def encoder_layers(model: nn.Module) -> nn.ModuleList:
     base = model.base_model
     layers = getattr(getattr(base, "encoder", None), "layer", None)
     if not isinstance(layers, nn.ModuleList) or not hasattr(base, "embeddings"):
-        raise ValueError(f"{type(model).__name__} is not a BERT-style encoder (base_model.embeddings and "
-                         "base_model.encoder.layer); this method supports BERT-family backbones only")
+        raise ValueError(
+            f"{type(model).__name__} is not a BERT-style encoder (base_model.embeddings and "
+            "base_model.encoder.layer); this method supports BERT-family backbones only"
+        )
     return layers
 
 

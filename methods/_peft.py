@@ -21,6 +21,7 @@ class PeftMethod(Method):
 
     def apply(self, model, task):
         from peft import get_peft_model
+
         freeze_all(model)
         return get_peft_model(model, self.peft_config(model, task))
 

@@ -15,16 +15,22 @@ def check_room(model, virtual_tokens: int, method: str) -> None:
     """Virtual tokens take positions; a prompt that leaves no room for the text is a user error."""
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and virtual_tokens >= limit:
-        raise UserError(f"method '{method}'", f"{virtual_tokens} virtual tokens leave no room in the model's {limit} positions",
-                        "use fewer num_virtual_tokens (prompt + text must fit in max_position_embeddings)")
+        raise UserError(
+            f"method '{method}'",
+            f"{virtual_tokens} virtual tokens leave no room in the model's {limit} positions",
+            "use fewer num_virtual_tokens (prompt + text must fit in max_position_embeddings)",
+        )
 
 
 def read_text_states(model, virtual_tokens: int, method: str):
     """Drop the first `virtual_tokens` positions from the encoder's output; returns the hook handle."""
     encoder = getattr(model.base_model, "encoder", None)
     if encoder is None:
-        raise UserError(f"method '{method}'", f"{type(model).__name__} has no base_model.encoder whose output the head reads",
-                        "use a BERT-style encoder backbone")
+        raise UserError(
+            f"method '{method}'",
+            f"{type(model).__name__} has no base_model.encoder whose output the head reads",
+            "use a BERT-style encoder backbone",
+        )
 
     def drop_virtual(module, args, output):
         output.last_hidden_state = output.last_hidden_state[:, virtual_tokens:]

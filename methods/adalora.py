@@ -52,17 +52,29 @@ class AdaLoRA(PeftMethod):
     paper = "Zhang et al., AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning, ICLR 2023"
     trains = "P, E, Q of SVD-form updates on all weight matrices + head"
     default_lr = 8e-4
-    defaults = {"init_r": 12, "target_r": 8, "alpha": 16, "dropout": 0.0, "orth_reg_weight": 0.1,
-                "beta1": 0.85, "beta2": 0.85, "total_step": None, "tinit": 0.15, "tfinal": 0.45, "delta_t": 1,
-                "target_modules": list(LINEAR_PATHS)}
+    defaults = {
+        "init_r": 12,
+        "target_r": 8,
+        "alpha": 16,
+        "dropout": 0.0,
+        "orth_reg_weight": 0.1,
+        "beta1": 0.85,
+        "beta2": 0.85,
+        "total_step": None,
+        "tinit": 0.15,
+        "tfinal": 0.45,
+        "delta_t": 1,
+        "target_modules": list(LINEAR_PATHS),
+    }
 
     def check_hparams(self):
         h = self.hparams
         check_targets(h["target_modules"])
         if not 1 <= h["target_r"] <= h["init_r"]:
             raise ValueError("need 1 <= target_r <= init_r")
-        if h["total_step"] is not None and (not isinstance(h["total_step"], int) or isinstance(h["total_step"], bool)
-                                            or h["total_step"] < 1):
+        if h["total_step"] is not None and (
+            not isinstance(h["total_step"], int) or isinstance(h["total_step"], bool) or h["total_step"] < 1
+        ):
             raise ValueError("total_step must be a whole number of steps, at least 1 (or null: the run's steps)")
         if h["delta_t"] < 1:
             raise ValueError("delta_t must be at least 1")
@@ -75,20 +87,33 @@ class AdaLoRA(PeftMethod):
             return self.hparams["total_step"]
         if self.run is not None:
             return self.run.total_steps
-        warnings.warn(f"adalora: no total_step and no harness run; the budget schedule assumes {FALLBACK_STEPS} steps",
-                      stacklevel=3)
+        warnings.warn(
+            f"adalora: no total_step and no harness run; the budget schedule assumes {FALLBACK_STEPS} steps",
+            stacklevel=3,
+        )
         return FALLBACK_STEPS
 
     def peft_config(self, model, task):
         from peft import AdaLoraConfig, TaskType
+
         h = self.hparams
         total_step = self.total_step()
-        return AdaLoraConfig(task_type=TaskType.SEQ_CLS, init_r=h["init_r"], target_r=h["target_r"], lora_alpha=h["alpha"],
-                             lora_dropout=h["dropout"], orth_reg_weight=h["orth_reg_weight"], beta1=h["beta1"], beta2=h["beta2"],
-                             total_step=total_step, tinit=int(h["tinit"] * total_step),
-                             tfinal=int(h["tfinal"] * total_step), deltaT=h["delta_t"],
-                             target_modules=linear_names(model, h["target_modules"], self.name),
-                             modules_to_save=head_names(model))
+        return AdaLoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            init_r=h["init_r"],
+            target_r=h["target_r"],
+            lora_alpha=h["alpha"],
+            lora_dropout=h["dropout"],
+            orth_reg_weight=h["orth_reg_weight"],
+            beta1=h["beta1"],
+            beta2=h["beta2"],
+            total_step=total_step,
+            tinit=int(h["tinit"] * total_step),
+            tfinal=int(h["tfinal"] * total_step),
+            deltaT=h["delta_t"],
+            target_modules=linear_names(model, h["target_modules"], self.name),
+            modules_to_save=head_names(model),
+        )
 
     def apply(self, model, task):
         model = super().apply(model, task)

@@ -32,6 +32,11 @@ class BitFit(Method):
     def expected_trainable_params(self, model, task):
         head = head_parameters(model)
         head_ids = {id(p) for p in head.values()}
-        biases = sum(m.bias.numel() for m in model.modules()
-                     if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm)) and m.bias is not None and id(m.bias) not in head_ids)
+        biases = sum(
+            m.bias.numel()
+            for m in model.modules()
+            if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm))
+            and m.bias is not None
+            and id(m.bias) not in head_ids
+        )
         return biases + sum(p.numel() for p in head.values())

@@ -40,18 +40,22 @@ class DePTModel(torch.nn.Module):
         self.prompt = torch.nn.Parameter(prompt)
         self.lora_a = torch.nn.Parameter(torch.empty(max_length, rank, dtype=prompt.dtype))
         self.lora_b = torch.nn.Parameter(torch.zeros(rank, width, dtype=prompt.dtype))
-        torch.nn.init.kaiming_uniform_(self.lora_a, a=5 ** 0.5)
+        torch.nn.init.kaiming_uniform_(self.lora_a, a=5**0.5)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, **kwargs):
         batch, length = input_ids.shape
         if length > self.lora_a.shape[0]:
-            raise ValueError(f"dept: input of {length} tokens is longer than max_length {self.lora_a.shape[0]}; "
-                             "raise the method's max_length or lower the suite's max_seq_length")
+            raise ValueError(
+                f"dept: input of {length} tokens is longer than max_length {self.lora_a.shape[0]}; "
+                "raise the method's max_length or lower the suite's max_seq_length"
+            )
         virtual = self.prompt.shape[0]
         positions = getattr(self.model.config, "max_position_embeddings", None)
         if positions is not None and virtual + length > positions:
-            raise ValueError(f"dept: {virtual} prompt + {length} input tokens exceed the model's {positions} positions; "
-                             "lower num_virtual_tokens or the suite's max_seq_length")
+            raise ValueError(
+                f"dept: {virtual} prompt + {length} input tokens exceed the model's {positions} positions; "
+                "lower num_virtual_tokens or the suite's max_seq_length"
+            )
         embeds = self.model.get_input_embeddings()(input_ids) + self.lora_a[:length] @ self.lora_b
         embeds = torch.cat([self.prompt.expand(batch, -1, -1), embeds], dim=1)
         if attention_mask is not None:
@@ -91,7 +95,9 @@ class DePT(Method):
 
     def expected_trainable_params(self, model, task):
         d, h = model.config.hidden_size, self.hparams
-        return h["num_virtual_tokens"] * d + h["max_length"] * h["r"] + h["r"] * d + count(head_parameters(model).values())
+        return (
+            h["num_virtual_tokens"] * d + h["max_length"] * h["r"] + h["r"] * d + count(head_parameters(model).values())
+        )
 
     def param_groups(self, model, lr):
         slow = [p for name, p in model.named_parameters() if p.requires_grad and name != "prompt"]

@@ -33,8 +33,12 @@ class DoRA(PeftMethod):
     paper = "Liu et al., DoRA: Weight-Decomposed Low-Rank Adaptation, ICML 2024"
     trains = "low-rank A,B + magnitude vectors on q,k,v,FFN + head"
     default_lr = 2e-4
-    defaults = {"r": 8, "alpha": 16, "dropout": 0.05,
-                "target_modules": ["query", "key", "value", "intermediate", "output"]}
+    defaults = {
+        "r": 8,
+        "alpha": 16,
+        "dropout": 0.05,
+        "target_modules": ["query", "key", "value", "intermediate", "output"],
+    }
 
     def check_hparams(self):
         if self.hparams["r"] < 1:
@@ -43,10 +47,16 @@ class DoRA(PeftMethod):
 
     def peft_config(self, model, task):
         from peft import LoraConfig, TaskType
-        return LoraConfig(task_type=TaskType.SEQ_CLS, use_dora=True, r=self.hparams["r"], lora_alpha=self.hparams["alpha"],
-                          lora_dropout=self.hparams["dropout"],
-                          target_modules=linear_names(model, self.hparams["target_modules"], self.name),
-                          modules_to_save=head_names(model))
+
+        return LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            use_dora=True,
+            r=self.hparams["r"],
+            lora_alpha=self.hparams["alpha"],
+            lora_dropout=self.hparams["dropout"],
+            target_modules=linear_names(model, self.hparams["target_modules"], self.name),
+            modules_to_save=head_names(model),
+        )
 
     def adapter_params(self, model, task):
         names = linear_names(model, self.hparams["target_modules"], self.name)

@@ -43,7 +43,9 @@ class AdapterAfter(torch.nn.Module):
 class Houlsby(Method):
     name = "houlsby"
     family = "PETL"
-    description = "Houlsby adapters: two bottleneck adapters per layer (after attention and FFN), LayerNorms and head trained"
+    description = (
+        "Houlsby adapters: two bottleneck adapters per layer (after attention and FFN), LayerNorms and head trained"
+    )
     paper = "Houlsby et al., Parameter-Efficient Transfer Learning for NLP, ICML 2019"
     trains = "2 bottleneck adapters per layer + all LayerNorms + head"
     default_lr = 1e-3
@@ -59,7 +61,9 @@ class Houlsby(Method):
         m = bottleneck_size(d, self.hparams["reduction_factor"])
         for layer in layers:
             for sublayer in (layer.attention.output, layer.output):
-                adapter = Bottleneck(d, m, self.hparams["activation"], self.hparams["init"]).to(sublayer.dense.weight.dtype)
+                adapter = Bottleneck(d, m, self.hparams["activation"], self.hparams["init"]).to(
+                    sublayer.dense.weight.dtype
+                )
                 sublayer.dropout = AdapterAfter(sublayer.dropout, adapter)
         trained = list(head_parameters(model).values())
         if self.hparams["train_layer_norms"]:
@@ -70,6 +74,14 @@ class Houlsby(Method):
 
     def expected_trainable_params(self, model, task):
         d = model.config.hidden_size
-        adapters = 2 * len(encoder_layers(model, self.name)) * bottleneck_params(d, bottleneck_size(d, self.hparams["reduction_factor"]))
-        norms = count(p for ln in layer_norms(model).values() for p in ln.parameters()) if self.hparams["train_layer_norms"] else 0
+        adapters = (
+            2
+            * len(encoder_layers(model, self.name))
+            * bottleneck_params(d, bottleneck_size(d, self.hparams["reduction_factor"]))
+        )
+        norms = (
+            count(p for ln in layer_norms(model).values() for p in ln.parameters())
+            if self.hparams["train_layer_norms"]
+            else 0
+        )
         return adapters + norms + count(head_parameters(model).values())

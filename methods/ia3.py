@@ -26,7 +26,10 @@ class IA3(PeftMethod):
     name = "ia3"
     family = "PETL"
     description = "(IA)^3 (peft): vectors rescale keys, values and FFN activations; head trained"
-    paper = "Liu et al., Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning (T-Few), NeurIPS 2022"
+    paper = (
+        "Liu et al., Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning "
+        "(T-Few), NeurIPS 2022"
+    )
     trains = "scaling vectors on key, value, FFN inner activation + head"
     default_lr = 3e-3
     # names from methods/_bert.py; "output" is the FFN's output projection, whose *input* is rescaled
@@ -44,9 +47,14 @@ class IA3(PeftMethod):
 
     def peft_config(self, model, task):
         from peft import IA3Config, TaskType
+
         names, ff = self._targets(model)
-        return IA3Config(task_type=TaskType.SEQ_CLS, target_modules=names, feedforward_modules=sorted(ff),
-                         modules_to_save=head_names(model))
+        return IA3Config(
+            task_type=TaskType.SEQ_CLS,
+            target_modules=names,
+            feedforward_modules=sorted(ff),
+            modules_to_save=head_names(model),
+        )
 
     def adapter_params(self, model, task):
         names, ff = self._targets(model)

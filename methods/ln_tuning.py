@@ -32,8 +32,10 @@ class LayerNormTuning(PeftMethod):
 
     def peft_config(self, model, task):
         from peft import LNTuningConfig, TaskType
-        return LNTuningConfig(task_type=TaskType.SEQ_CLS, target_modules=sorted(layer_norms(model)),
-                              modules_to_save=head_names(model))
+
+        return LNTuningConfig(
+            task_type=TaskType.SEQ_CLS, target_modules=sorted(layer_norms(model)), modules_to_save=head_names(model)
+        )
 
     def apply(self, model, task):
         with warnings.catch_warnings():  # peft probes every wrapped layer for in/out features; a LayerNorm has none

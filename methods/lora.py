@@ -24,12 +24,20 @@ class LoRA(PeftMethod):
 
     def peft_config(self, model, task):
         from peft import LoraConfig, TaskType
-        return LoraConfig(task_type=TaskType.SEQ_CLS, r=self.hparams["r"], lora_alpha=self.hparams["alpha"],
-                          lora_dropout=self.hparams["dropout"], target_modules=list(self.hparams["target_modules"]),
-                          modules_to_save=head_names(model))
+
+        return LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=self.hparams["r"],
+            lora_alpha=self.hparams["alpha"],
+            lora_dropout=self.hparams["dropout"],
+            target_modules=list(self.hparams["target_modules"]),
+            modules_to_save=head_names(model),
+        )
 
     def adapter_params(self, model, task):
         targets = tuple(self.hparams["target_modules"])
-        return sum(self.hparams["r"] * (m.in_features + m.out_features)
-                   for name, m in model.named_modules()
-                   if name.split(".")[-1] in targets and hasattr(m, "in_features"))
+        return sum(
+            self.hparams["r"] * (m.in_features + m.out_features)
+            for name, m in model.named_modules()
+            if name.split(".")[-1] in targets and hasattr(m, "in_features")
+        )

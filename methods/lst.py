@@ -53,22 +53,33 @@ import copy
 import torch
 from torch import nn
 
-from methods._frozen import (POOLINGS, ClassifierHead, FrozenBackboneClassifier, bert_layer_size, encoder_layers,
-                            frozen_hidden_states, init_like_bert, layer_mask, pool, run_layer)
 from harness.method import Method, freeze_all
+from methods._frozen import (
+    POOLINGS,
+    ClassifierHead,
+    FrozenBackboneClassifier,
+    bert_layer_size,
+    encoder_layers,
+    frozen_hidden_states,
+    init_like_bert,
+    layer_mask,
+    pool,
+    run_layer,
+)
 
 
 class LadderSideNetwork(FrozenBackboneClassifier):
-    def __init__(self, model, reduction_factor: int, gate_temperature: float, init: str, pooling: str,
-                 drop_layers=()):
+    def __init__(self, model, reduction_factor: int, gate_temperature: float, init: str, pooling: str, drop_layers=()):
         super().__init__(model)
         config = model.config
         layers = encoder_layers(model)
         self.kept = kept_layers(len(layers), drop_layers)
         width, heads = side_width(config, reduction_factor), config.num_attention_heads
         if width % heads:
-            raise ValueError(f"side width {width} (hidden {config.hidden_size} / reduction_factor {reduction_factor}) "
-                             f"must be a multiple of the backbone's {heads} attention heads")
+            raise ValueError(
+                f"side width {width} (hidden {config.hidden_size} / reduction_factor {reduction_factor}) "
+                f"must be a multiple of the backbone's {heads} attention heads"
+            )
         self.side_config = copy.deepcopy(config)
         self.side_config.hidden_size = width
         self.side_config.intermediate_size = config.intermediate_size // reduction_factor
@@ -126,12 +137,16 @@ def prune_into(model, layer_ids: list[int], side_layers: nn.ModuleList, width: i
             o, ln1 = big.attention.output.dense, big.attention.output.LayerNorm
             up, down, ln2 = big.intermediate.dense, big.output.dense, big.output.LayerNorm
         except AttributeError:
-            raise ValueError("init: prune needs BERT-style layers (attention.self.query, ...); use init: random") from None
+            raise ValueError(
+                "init: prune needs BERT-style layers (attention.self.query, ...); use init: random"
+            ) from None
         # attention dimensions: keep the strongest within every head, so the number of heads stays
         score = sum(w.weight[:, keep].abs().sum(1) for w in (q, k, v)) + o.weight[keep].abs().sum(0)
         per_head, side_per_head = q.out_features // heads, width // heads
         inner = torch.cat([h * per_head + _top(s, side_per_head) for h, s in enumerate(score.view(heads, per_head))])
-        ffn = _top(up.weight[:, keep].abs().sum(1) + down.weight[keep].abs().sum(0), small.intermediate.dense.out_features)
+        ffn = _top(
+            up.weight[:, keep].abs().sum(1) + down.weight[keep].abs().sum(0), small.intermediate.dense.out_features
+        )
         s_att = small.attention.self
         for src, dst in ((q, s_att.query), (k, s_att.key), (v, s_att.value)):
             _copy(dst, src.weight[inner][:, keep], src.bias[inner])
@@ -154,7 +169,9 @@ class LadderSideTuning(Method):
     name = "lst"
     family = "METL"
     description = "Ladder Side-Tuning: gated ladders into a 1/r-width side network; backbone under no_grad"
-    paper = "Sung, Cho & Bansal, LST: Ladder Side-Tuning for Parameter and Memory Efficient Transfer Learning, NeurIPS 2022"
+    paper = (
+        "Sung, Cho & Bansal, LST: Ladder Side-Tuning for Parameter and Memory Efficient Transfer Learning, NeurIPS 2022"
+    )
     trains = "side network (width/r) + ladders + gates + up-projection + head"
     default_lr = 3e-3  # the authors' GLUE script for T5-base
     defaults = {"reduction_factor": 8, "gate_temperature": 0.1, "init": "prune", "pooling": "cls", "drop_layers": None}
@@ -170,9 +187,11 @@ class LadderSideTuning(Method):
         if h["pooling"] not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {h['pooling']!r}")
         drop = h["drop_layers"]
-        if drop is not None and (not isinstance(drop, (list, tuple))
-                                 or not all(isinstance(i, int) and not isinstance(i, bool) for i in drop)
-                                 or len(set(drop)) != len(drop)):
+        if drop is not None and (
+            not isinstance(drop, (list, tuple))
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in drop)
+            or len(set(drop)) != len(drop)
+        ):
             raise ValueError(f"drop_layers must be null or list distinct layer indices, got {drop!r}")
 
     def dropped(self, num_layers: int) -> list[int]:
@@ -186,8 +205,14 @@ class LadderSideTuning(Method):
     def apply(self, model, task):
         freeze_all(model)
         h = self.hparams
-        return LadderSideNetwork(model, h["reduction_factor"], h["gate_temperature"], h["init"], h["pooling"],
-                                 self.dropped(model.config.num_hidden_layers))
+        return LadderSideNetwork(
+            model,
+            h["reduction_factor"],
+            h["gate_temperature"],
+            h["init"],
+            h["pooling"],
+            self.dropped(model.config.num_hidden_layers),
+        )
 
     def expected_trainable_params(self, model, task):
         config = model.config

@@ -51,8 +51,15 @@ class Mesa(Method):
 
     def policy(self) -> Policy:
         bits = self.hparams["bits"]
-        return Policy(linear_bits=bits, norm_bits=bits, act_bits=bits, act_store="input", qkv_bits=bits,
-                      pack_dropout=True, group_size=self.hparams["group_size"])
+        return Policy(
+            linear_bits=bits,
+            norm_bits=bits,
+            act_bits=bits,
+            act_store="input",
+            qkv_bits=bits,
+            pack_dropout=True,
+            group_size=self.hparams["group_size"],
+        )
 
     def check_hparams(self):
         check_bits(self.hparams["bits"], self.hparams["group_size"])

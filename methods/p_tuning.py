@@ -50,11 +50,21 @@ class PTuning(PeftMethod):
 
     def peft_config(self, model, task):
         from peft import PromptEncoderConfig, PromptEncoderReparameterizationType, TaskType
+
         check_room(model, self.hparams["num_virtual_tokens"], self.name)
-        kind = PromptEncoderReparameterizationType.LSTM if self.hparams["encoder"] == "lstm" else PromptEncoderReparameterizationType.MLP
-        return PromptEncoderConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=self.hparams["num_virtual_tokens"],
-                                   encoder_reparameterization_type=kind, encoder_hidden_size=self._hidden(model),
-                                   encoder_num_layers=self.hparams["encoder_num_layers"], modules_to_save=head_names(model))
+        kind = (
+            PromptEncoderReparameterizationType.LSTM
+            if self.hparams["encoder"] == "lstm"
+            else PromptEncoderReparameterizationType.MLP
+        )
+        return PromptEncoderConfig(
+            task_type=TaskType.SEQ_CLS,
+            num_virtual_tokens=self.hparams["num_virtual_tokens"],
+            encoder_reparameterization_type=kind,
+            encoder_hidden_size=self._hidden(model),
+            encoder_num_layers=self.hparams["encoder_num_layers"],
+            modules_to_save=head_names(model),
+        )
 
     def apply(self, model, task):
         read_text_states(model, self.hparams["num_virtual_tokens"], self.name)
@@ -66,7 +76,9 @@ class PTuning(PeftMethod):
         if self.hparams["encoder"] == "mlp":  # d -> h -> h -> d, with biases
             return total + (d * h + h) + (h * h + h) + (h * d + d)
         width = d
-        for _ in range(self.hparams["encoder_num_layers"]):  # per direction: 4 gates, input and recurrent weights, two biases
+        for _ in range(
+            self.hparams["encoder_num_layers"]
+        ):  # per direction: 4 gates, input and recurrent weights, two biases
             total += 2 * (4 * h * (width + h) + 8 * h)
             width = 2 * h
         return total + (2 * h * 2 * h + 2 * h) + (2 * h * d + d)  # MLP head: 2h -> 2h -> d

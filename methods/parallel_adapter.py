@@ -66,7 +66,9 @@ class ParallelAdapter(Method):
         freeze_all(model)
         d = model.config.hidden_size
         for layer in layers:
-            adapter = Bottleneck(d, self.hparams["bottleneck"], self.hparams["activation"], "lora").to(layer.output.dense.weight.dtype)
+            adapter = Bottleneck(d, self.hparams["bottleneck"], self.hparams["activation"], "lora").to(
+                layer.output.dense.weight.dtype
+            )
             add_parallel_branch(layer.output, adapter, self.hparams["scale"])
         for p in head_parameters(model).values():
             p.requires_grad_(True)
@@ -74,4 +76,6 @@ class ParallelAdapter(Method):
 
     def expected_trainable_params(self, model, task):
         d = model.config.hidden_size
-        return len(encoder_layers(model, self.name)) * bottleneck_params(d, self.hparams["bottleneck"]) + count(head_parameters(model).values())
+        return len(encoder_layers(model, self.name)) * bottleneck_params(d, self.hparams["bottleneck"]) + count(
+            head_parameters(model).values()
+        )

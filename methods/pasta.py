@@ -73,8 +73,9 @@ class PASTA(Method):
         layers = encoder_layers(model, self.name)
         freeze_all(model)
         base = model.base_model
-        pasta = SpecialTokenVectors(len(layers), special_tokens(task), model.config.hidden_size,
-                                    model.config.hidden_dropout_prob).to(layers[0].output.dense.weight.dtype)
+        pasta = SpecialTokenVectors(
+            len(layers), special_tokens(task), model.config.hidden_size, model.config.hidden_dropout_prob
+        ).to(layers[0].output.dense.weight.dtype)
         base.pasta = pasta  # registered under the backbone, so it moves and saves with the model
 
         def find_special(module, args, kwargs):

@@ -65,5 +65,7 @@ class Pfeiffer(Method):
 
     def expected_trainable_params(self, model, task):
         d = model.config.hidden_size
-        adapters = len(encoder_layers(model, self.name)) * bottleneck_params(d, bottleneck_size(d, self.hparams["reduction_factor"]))
+        adapters = len(encoder_layers(model, self.name)) * bottleneck_params(
+            d, bottleneck_size(d, self.hparams["reduction_factor"])
+        )
         return adapters + count(head_parameters(model).values())

@@ -39,12 +39,19 @@ from methods._peft import PeftMethod, head_names, modules
 class PrefixTuning(PeftMethod):
     name = "prefix_tuning"
     family = "PETL"
-    description = "prefix tuning (peft): trainable key/value prefixes in every layer, from real words' activations, head trained"
+    description = (
+        "prefix tuning (peft): trainable key/value prefixes in every layer, from real words' activations, head trained"
+    )
     paper = "Li & Liang, Prefix-Tuning: Optimizing Continuous Prompts for Generation, ACL 2021"
     trains = "key/value prefixes of every layer (+ the MLP with projection) + head"
     default_lr = 1e-2
-    defaults = {"num_virtual_tokens": 10, "projection": False, "projection_hidden": 512, "init": "words",
-                "head_lr": None}
+    defaults = {
+        "num_virtual_tokens": 10,
+        "projection": False,
+        "projection_hidden": 512,
+        "init": "words",
+        "head_lr": None,
+    }
 
     def check_hparams(self):
         if self.hparams["num_virtual_tokens"] < 1 or self.hparams["projection_hidden"] < 1:
@@ -52,10 +59,13 @@ class PrefixTuning(PeftMethod):
         if self.hparams["init"] not in ("random", "words"):
             raise ValueError("init must be 'random' or 'words'")
         if self.hparams["init"] == "words" and self.hparams["projection"]:
-            raise ValueError("init 'words' sets the prefixes themselves and needs projection: false; "
-                             "with projection: true use init: 'random'")
-        if self.hparams["head_lr"] is not None and not (isinstance(self.hparams["head_lr"], (int, float))
-                                                        and self.hparams["head_lr"] > 0):
+            raise ValueError(
+                "init 'words' sets the prefixes themselves and needs projection: false; "
+                "with projection: true use init: 'random'"
+            )
+        if self.hparams["head_lr"] is not None and not (
+            isinstance(self.hparams["head_lr"], (int, float)) and self.hparams["head_lr"] > 0
+        ):
             raise ValueError("head_lr must be positive")
 
     def apply(self, model, task):
@@ -76,9 +86,14 @@ class PrefixTuning(PeftMethod):
 
     def peft_config(self, model, task):
         from peft import PrefixTuningConfig, TaskType
-        return PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=self.hparams["num_virtual_tokens"],
-                                  prefix_projection=self.hparams["projection"],
-                                  encoder_hidden_size=self.hparams["projection_hidden"], modules_to_save=head_names(model))
+
+        return PrefixTuningConfig(
+            task_type=TaskType.SEQ_CLS,
+            num_virtual_tokens=self.hparams["num_virtual_tokens"],
+            prefix_projection=self.hparams["projection"],
+            encoder_hidden_size=self.hparams["projection_hidden"],
+            modules_to_save=head_names(model),
+        )
 
     def adapter_params(self, model, task):
         n, d, layers = self.hparams["num_virtual_tokens"], model.config.hidden_size, model.config.num_hidden_layers
@@ -123,8 +138,10 @@ def offer_past_key_values(model, method: str) -> None:
     if "past_key_values" in names(model.forward) or "past_key_values" in names(model.base_model.forward):
         return
     if "cache" not in names(model.base_model.forward):
-        raise ValueError(f"{method}: {type(model.base_model).__name__}.forward takes neither past_key_values nor "
-                         "cache, so prefixes cannot be prepended to its keys and values")
+        raise ValueError(
+            f"{method}: {type(model.base_model).__name__}.forward takes neither past_key_values nor "
+            "cache, so prefixes cannot be prepended to its keys and values"
+        )
 
     def forward(self, *args, past_key_values=None, **kwargs):
         return type(self).forward(self, *args, cache=past_key_values, **kwargs)

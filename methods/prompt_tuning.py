@@ -43,10 +43,15 @@ class PromptTuning(PeftMethod):
 
     def peft_config(self, model, task):
         from peft import PromptTuningConfig, PromptTuningInit, TaskType
+
         check_room(model, self.hparams["num_virtual_tokens"], self.name)
         init = PromptTuningInit.SAMPLE_VOCAB if self.hparams["init"] == "sample_vocab" else PromptTuningInit.RANDOM
-        return PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=self.hparams["num_virtual_tokens"],
-                                  prompt_tuning_init=init, modules_to_save=head_names(model))
+        return PromptTuningConfig(
+            task_type=TaskType.SEQ_CLS,
+            num_virtual_tokens=self.hparams["num_virtual_tokens"],
+            prompt_tuning_init=init,
+            modules_to_save=head_names(model),
+        )
 
     def apply(self, model, task):
         read_text_states(model, self.hparams["num_virtual_tokens"], self.name)

@@ -46,16 +46,29 @@ from methods._activation_compression import Policy, check_bits, install
 class S2A(Method):
     name = "s2a"
     family = "METL"
-    description = "S2A-style 4-bit saved activations of non-parametric ops (GELU derivative), softmax recomputed, dropout as bits; stackable"
-    paper = "Jin et al., S2A: A Unified Framework for Parameter and Memory Efficient Transfer Learning, arXiv:2503.08154, 2025"
+    description = (
+        "S2A-style 4-bit saved activations of non-parametric ops (GELU derivative), softmax recomputed, dropout as "
+        "bits; stackable"
+    )
+    paper = (
+        "Jin et al., S2A: A Unified Framework for Parameter and Memory Efficient Transfer Learning, "
+        "arXiv:2503.08154, 2025"
+    )
     trains = "whatever is trainable when applied (alone: all weights)"
     default_lr = 5e-5  # alone it is full fine-tuning
     defaults = {"bits": 4, "group_size": 64}
 
     def policy(self) -> Policy:
         bits = self.hparams["bits"]
-        return Policy(linear_bits=None, norm_bits=None, act_bits=bits, act_store="derivative", qkv_bits=None,
-                      pack_dropout=True, group_size=self.hparams["group_size"])
+        return Policy(
+            linear_bits=None,
+            norm_bits=None,
+            act_bits=bits,
+            act_store="derivative",
+            qkv_bits=None,
+            pack_dropout=True,
+            group_size=self.hparams["group_size"],
+        )
 
     def check_hparams(self):
         check_bits(self.hparams["bits"], self.hparams["group_size"])

@@ -74,9 +74,18 @@ it in:
 import torch
 from torch import nn
 
-from methods._frozen import (POOLINGS, ClassifierHead, FrozenBackboneClassifier, bert_layer_size, encoder_layers,
-                            frozen_hidden_states, layer_mask, pool, run_layer)
 from harness.method import Method, freeze_all
+from methods._frozen import (
+    POOLINGS,
+    ClassifierHead,
+    FrozenBackboneClassifier,
+    bert_layer_size,
+    encoder_layers,
+    frozen_hidden_states,
+    layer_mask,
+    pool,
+    run_layer,
+)
 
 
 class AntiRedundancyAggregation(nn.Module):
@@ -102,8 +111,9 @@ class SHERLNetwork(FrozenBackboneClassifier):
         config = model.config
         hidden, width = config.hidden_size, config.hidden_size // downsample_factor
         self.early = len(encoder_layers(model)) - late_layers
-        self.project = nn.ModuleList(nn.Sequential(nn.Linear(hidden, width), nn.LayerNorm(width))
-                                     for _ in range(self.early + 1))
+        self.project = nn.ModuleList(
+            nn.Sequential(nn.Linear(hidden, width), nn.LayerNorm(width)) for _ in range(self.early + 1)
+        )
         self.aggregate = AntiRedundancyAggregation(hidden, width)
         self.out = nn.Linear(width, hidden)
         self.out_norm = nn.LayerNorm(hidden)
@@ -112,7 +122,7 @@ class SHERLNetwork(FrozenBackboneClassifier):
         self.temperature, self.pooling = gate_temperature, pooling
 
     def late(self) -> nn.ModuleList:
-        return encoder_layers(self.model)[self.early:]
+        return encoder_layers(self.model)[self.early :]
 
     def frozen_features(self, input_ids, attention_mask, token_type_ids=None):
         return frozen_hidden_states(self.model, input_ids, attention_mask, token_type_ids, num_layers=self.early)
@@ -133,12 +143,23 @@ class SHERLNetwork(FrozenBackboneClassifier):
 class SHERL(Method):
     name = "sherl"
     family = "METL"
-    description = "SHERL: anti-redundancy consolidation of no-grad early layers, back-propagation through the last layer(s) only"
-    paper = "Diao et al., SHERL: Synthesizing High Accuracy and Efficient Memory for Resource-Limited Transfer Learning, ECCV 2024"
+    description = (
+        "SHERL: anti-redundancy consolidation of no-grad early layers, back-propagation through the last layer(s) only"
+    )
+    paper = (
+        "Diao et al., SHERL: Synthesizing High Accuracy and Efficient Memory for Resource-Limited Transfer "
+        "Learning, ECCV 2024"
+    )
     trains = "consolidation adapter (MTSA) + head (+ late layers with train_late_layers)"
     default_lr = 1e-3  # no text-classification setting in the paper; on sst2/MiniLM: 1e-3 .79, 3e-3 .77
-    defaults = {"late_layers": 1, "train_late_layers": False, "late_lr_ratio": 0.1, "downsample_factor": 2,
-                "gate_temperature": 0.1, "pooling": "cls"}
+    defaults = {
+        "late_layers": 1,
+        "train_late_layers": False,
+        "late_lr_ratio": 0.1,
+        "downsample_factor": 2,
+        "gate_temperature": 0.1,
+        "pooling": "cls",
+    }
 
     def check_hparams(self):
         h = self.hparams
@@ -156,8 +177,10 @@ class SHERL(Method):
     def _check_depth(self, model):
         layers = model.config.num_hidden_layers
         if self.hparams["late_layers"] >= layers:
-            raise ValueError(f"late_layers {self.hparams['late_layers']} leaves none of the backbone's {layers} "
-                             "layers in the early route; use fewer")
+            raise ValueError(
+                f"late_layers {self.hparams['late_layers']} leaves none of the backbone's {layers} "
+                "layers in the early route; use fewer"
+            )
 
     def apply(self, model, task):
         self._check_depth(model)

@@ -79,14 +79,18 @@ def _gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def _eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
     if attention_mask is not None:
-        scores = scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool \
+        scores = (
+            scores.masked_fill(~attention_mask, float("-inf"))
+            if attention_mask.dtype == torch.bool
             else scores + attention_mask
+        )
     probs = torch.nn.functional.dropout(torch.softmax(scores, -1), dropout, training=dropout > 0)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
 
 
 def _attention_function(attn):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     implementation = attn.config._attn_implementation
     if implementation in (None, "eager"):
         return _eager_attention
@@ -100,8 +104,15 @@ def _heads(attn, t: torch.Tensor) -> torch.Tensor:
 def _rows(layer, h, keys, values, mask):
     """One encoder layer for the query rows `h`, attending to the given keys and values."""
     attn = layer.attention.self
-    context, _ = _attention_function(attn)(attn, _heads(attn, attn.query(h)), keys, values, mask,
-                                           dropout=attn.dropout.p if attn.training else 0.0, scaling=attn.scaling)
+    context, _ = _attention_function(attn)(
+        attn,
+        _heads(attn, attn.query(h)),
+        keys,
+        values,
+        mask,
+        dropout=attn.dropout.p if attn.training else 0.0,
+        scaling=attn.scaling,
+    )
     attended = layer.attention.output(context.reshape(*h.shape[:2], -1), h)
     return layer.output(layer.intermediate(attended), attended)
 
@@ -146,6 +157,7 @@ def _tokentune_forward(original, fraction):
             h_sel, h_rest = _layer(layer, h_sel, h_rest, mask)
         out = _gather(torch.cat([h_sel, h_rest], dim=1), order.argsort(1))
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=out)
+
     return forward
 
 
@@ -153,9 +165,17 @@ def find_encoder(model: torch.nn.Module):
     """The first module whose `layer` list holds BERT-style layers."""
     for module in model.modules():
         layers = getattr(module, "layer", None)
-        if isinstance(layers, torch.nn.ModuleList) and len(layers) and all(
-                hasattr(l, "attention") and hasattr(getattr(l.attention, "self", None), "query")
-                and hasattr(l, "intermediate") and hasattr(l, "output") for l in layers):
+        if (
+            isinstance(layers, torch.nn.ModuleList)
+            and len(layers)
+            and all(
+                hasattr(layer, "attention")
+                and hasattr(getattr(layer.attention, "self", None), "query")
+                and hasattr(layer, "intermediate")
+                and hasattr(layer, "output")
+                for layer in layers
+            )
+        ):
             return module
     return None
 
@@ -163,7 +183,9 @@ def find_encoder(model: torch.nn.Module):
 class TokenTune(Method):
     name = "tokentune"
     family = "METL"
-    description = "TokenTune: gradients through a random fraction of the tokens, the rest without a graph; stackable after LoRA"
+    description = (
+        "TokenTune: gradients through a random fraction of the tokens, the rest without a graph; stackable after LoRA"
+    )
     paper = "Simoulin et al., Memory-Efficient Fine-Tuning of Transformers via Token Selection, EMNLP 2024"
     trains = "whatever is trainable when applied (alone: all weights), through the selected tokens"
     default_lr = 5e-5  # alone it is full fine-tuning

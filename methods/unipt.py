@@ -38,8 +38,8 @@ Departures from the paper:
 import torch
 from torch import nn
 
-from methods._frozen import POOLINGS, ClassifierHead, FrozenBackboneClassifier, frozen_hidden_states, pool
 from harness.method import Method, freeze_all
+from methods._frozen import POOLINGS, ClassifierHead, FrozenBackboneClassifier, frozen_hidden_states, pool
 
 
 class UniPTNetwork(FrozenBackboneClassifier):
@@ -47,8 +47,9 @@ class UniPTNetwork(FrozenBackboneClassifier):
         super().__init__(model)
         config = model.config
         hidden, width = config.hidden_size, config.hidden_size // downsample_factor
-        self.down = nn.ModuleList(nn.Sequential(nn.Linear(hidden, width), nn.LayerNorm(width))
-                                  for _ in range(config.num_hidden_layers + 1))
+        self.down = nn.ModuleList(
+            nn.Sequential(nn.Linear(hidden, width), nn.LayerNorm(width)) for _ in range(config.num_hidden_layers + 1)
+        )
         self.gate = nn.Linear(width, 1)
         self.proj = nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width))
         self.up = nn.Sequential(nn.ReLU(), nn.Linear(width, hidden))
@@ -86,8 +87,13 @@ class UniPTNetwork(FrozenBackboneClassifier):
 class UniPT(Method):
     name = "unipt"
     family = "METL"
-    description = "UniPT: parallel network over all layers' hidden states (cross-layer interaction, confidence aggregation)"
-    paper = "Diao et al., UniPT: Universal Parallel Tuning for Transfer Learning with Efficient Parameter and Memory, CVPR 2024"
+    description = (
+        "UniPT: parallel network over all layers' hidden states (cross-layer interaction, confidence aggregation)"
+    )
+    paper = (
+        "Diao et al., UniPT: Universal Parallel Tuning for Transfer Learning with Efficient Parameter and Memory, "
+        "CVPR 2024"
+    )
     trains = "down-projections + interaction/aggregation layers + up-projection + head"
     default_lr = 1e-3  # no text-classification setting in the paper; on sst2/MiniLM: 3e-4 .78, 1e-3 .79, 3e-3 .78
     defaults = {"downsample_factor": 2, "pooling": "cls"}

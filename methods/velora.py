@@ -33,7 +33,9 @@ from methods.lora import LoRA
 class VeLoRA(LoRA):
     name = "velora"
     family = "METL"
-    description = "VeLoRA (peft): LoRA with the down-projection's saved input compressed to rank-1 sub-token projections"
+    description = (
+        "VeLoRA (peft): LoRA with the down-projection's saved input compressed to rank-1 sub-token projections"
+    )
     paper = "Miles et al., VeLoRA: Memory Efficient Training using Rank-1 Sub-Token Projections, NeurIPS 2024"
     trains = "low-rank A,B on query/value + head"
     default_lr = 5e-4
@@ -50,6 +52,8 @@ class VeLoRA(LoRA):
         import dataclasses
 
         from peft import VeloraConfig
-        velora = VeloraConfig(num_groups=self.hparams["num_groups"], scale=self.hparams["scale"],
-                              init_type=self.hparams["init_type"])
+
+        velora = VeloraConfig(
+            num_groups=self.hparams["num_groups"], scale=self.hparams["scale"], init_type=self.hparams["init_type"]
+        )
         return dataclasses.replace(super().peft_config(model, task), velora_config=velora)  # re-validated by peft

@@ -36,10 +36,16 @@ class VeRA(PeftMethod):
 
     def peft_config(self, model, task):
         from peft import TaskType, VeraConfig
-        return VeraConfig(task_type=TaskType.SEQ_CLS, r=self.hparams["r"], d_initial=self.hparams["d_initial"],
-                          vera_dropout=self.hparams["dropout"], projection_prng_key=self.hparams["seed"],
-                          target_modules=linear_names(model, self.hparams["target_modules"], self.name),
-                          modules_to_save=head_names(model))
+
+        return VeraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=self.hparams["r"],
+            d_initial=self.hparams["d_initial"],
+            vera_dropout=self.hparams["dropout"],
+            projection_prng_key=self.hparams["seed"],
+            target_modules=linear_names(model, self.hparams["target_modules"], self.name),
+            modules_to_save=head_names(model),
+        )
 
     def adapter_params(self, model, task):
         names = linear_names(model, self.hparams["target_modules"], self.name)

@@ -49,8 +49,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from methods._frozen import ClassifierHead, FrozenBackboneClassifier, encoder_layers, frozen_hidden_states
 from harness.method import Method, freeze_all
+from methods._frozen import ClassifierHead, FrozenBackboneClassifier, encoder_layers, frozen_hidden_states
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -58,8 +58,9 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(batch, length, heads, width // heads).transpose(1, 2)
 
 
-def read_layer(layer: nn.Module, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-               bias: torch.Tensor) -> torch.Tensor:
+def read_layer(
+    layer: nn.Module, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
     """The output of BERT layer `layer` for `queries` (batch, T, width) attending to the given keys and values
     (batch, heads, length, head width); `bias` masks padding."""
     attention = layer.attention.self
@@ -76,8 +77,9 @@ class QueryTuning(FrozenBackboneClassifier):
         self.normalize_features = normalize_features
         layers, hidden = encoder_layers(model), model.config.hidden_size
         if not all(hasattr(layer, "attention") and hasattr(layer.attention, "self") for layer in layers):
-            raise ValueError("vqt needs BERT-style layers (attention.self.query/key/value, attention.output, "
-                             "intermediate, output)")
+            raise ValueError(
+                "vqt needs BERT-style layers (attention.self.query/key/value, attention.output, intermediate, output)"
+            )
         bound = math.sqrt(6.0 / (2 * hidden))
         self.queries = nn.Parameter(torch.empty(len(layers), num_queries, hidden).uniform_(-bound, bound))
         self.query_dropout = nn.Dropout(dropout)
@@ -93,8 +95,10 @@ class QueryTuning(FrozenBackboneClassifier):
         """The last layer's [CLS] state, and every layer's keys and values of the original tokens."""
         states = frozen_hidden_states(self.model, input_ids, attention_mask, token_type_ids)
         heads = self.config.num_attention_heads
-        keys_values = [(_split_heads(layer.attention.self.key(h), heads), _split_heads(layer.attention.self.value(h), heads))
-                       for layer, h in zip(encoder_layers(self.model), states[:-1])]
+        keys_values = [
+            (_split_heads(layer.attention.self.key(h), heads), _split_heads(layer.attention.self.value(h), heads))
+            for layer, h in zip(encoder_layers(self.model), states[:-1])
+        ]
         return states[-1][:, 0], keys_values
 
     def trainable_path(self, features, attention_mask):

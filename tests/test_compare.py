@@ -23,18 +23,25 @@ LORA, FULL = "sst2__lora__seed0", "sst2__full__seed0"
 
 def cli(*args):
     """Run `python -m harness compare ...` as a real process; (exit status, stdout, stderr)."""
-    done = subprocess.run([sys.executable, "-m", "harness", "compare", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "harness", "compare", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return done.returncode, done.stdout, done.stderr
 
 
 @pytest.fixture
 def main(capsys):
     """The same command in this process (a subprocess costs a second or more of import); same result."""
+
     def run(*args):
         status = cli_main(["compare", *map(str, args)])
         captured = capsys.readouterr()
         return status, captured.out, captured.err
+
     return run
 
 
@@ -94,8 +101,13 @@ def test_package_versions_that_differ_are_named_in_one_line(sides, main):
 def test_memory_is_compared_only_between_cells_of_the_same_attention_backend(sides):
     base, cur = sides
     edit(base, LORA, lambda r: r["measurements"].update(attention_backend="math"))
-    edit(cur, LORA, lambda r: r["measurements"].update(attention_backend="flash_cpu",
-                                                       activation_bytes=r["measurements"]["activation_bytes"] // 3))
+    edit(
+        cur,
+        LORA,
+        lambda r: r["measurements"].update(
+            attention_backend="flash_cpu", activation_bytes=r["measurements"]["activation_bytes"] // 3
+        ),
+    )
     result = judge(base, cur)
     assert result.cells[LORA] == "unchanged" and not result.failed
     assert any("attention backends differ (math vs flash_cpu)" in note for note in result.notes)
@@ -105,7 +117,11 @@ def test_memory_is_compared_only_between_cells_of_the_same_attention_backend(sid
 
 def test_activation_bytes_ten_percent_above_baseline_fails_naming_the_cell(sides):
     base, cur = sides
-    edit(cur, LORA, lambda r: r["measurements"].update(activation_bytes=int(r["measurements"]["activation_bytes"] * 1.10)))
+    edit(
+        cur,
+        LORA,
+        lambda r: r["measurements"].update(activation_bytes=int(r["measurements"]["activation_bytes"] * 1.10)),
+    )
     status, out, _ = cli(base, cur)
     assert status == 1
     assert out.startswith("FAIL")
@@ -135,7 +151,7 @@ def test_metric_drop_beyond_tolerance_fails(sides, main):
 def test_lower_is_better_metric_is_judged_the_other_way(sides):
     base, cur = sides
     for side, value in ((base, 0.50), (cur, 0.60)):  # e.g. an error rate going up by 10 points
-        edit(side, FULL, lambda r: r["metrics"]["accuracy"].update(value=value, higher_is_better=False))
+        edit(side, FULL, lambda r, v=value: r["metrics"]["accuracy"].update(value=v, higher_is_better=False))
     [finding] = judge(base, cur).findings
     assert (finding.cell, finding.outcome, finding.fails) == (FULL, compare.REGRESSED, True)
     edit(cur, FULL, lambda r: r["metrics"]["accuracy"].update(value=0.40))
@@ -208,7 +224,9 @@ def test_markdown_table(sides):
 def test_exported_baseline_file(sides, tmp_path):
     base, cur = sides
     exported = tmp_path / "smoke-baseline.json"
-    done = subprocess.run([sys.executable, "-m", "harness", "export", base, exported], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "harness", "export", base, exported], cwd=ROOT, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     assert len(json.loads(exported.read_text())["records"]) == 8
     edit(cur, LORA, lambda r: r["measurements"].update(optimizer_bytes=r["measurements"]["optimizer_bytes"] * 3))
@@ -216,8 +234,10 @@ def test_exported_baseline_file(sides, tmp_path):
     assert (finding.cell, finding.figure) == (LORA, "optimizer_bytes")
 
 
-@pytest.mark.parametrize("problem", ["no such dir", "broken record", "bad tolerance", "percent metric tolerance",
-                                     "not a baseline file", "empty dir"])
+@pytest.mark.parametrize(
+    "problem",
+    ["no such dir", "broken record", "bad tolerance", "percent metric tolerance", "not a baseline file", "empty dir"],
+)
 def test_bad_input_exits_2_with_one_line(sides, tmp_path, main, problem):
     base, cur = sides
     args = [base, cur]
@@ -244,14 +264,21 @@ def test_bad_input_exits_2_with_one_line(sides, tmp_path, main, problem):
 def test_suite_gate_settings_and_precedence(tmp_path):
     suite = tmp_path / "suite.yaml"
     smoke = (ROOT / "suites" / "smoke.yaml").read_text().split("\ngate:")[0]  # whatever gate it has, ours replaces it
-    suite.write_text(smoke + "\ngate:\n  memory_tolerance: 0%\n  time_tolerance: off\n  figures: [activation_bytes, metric]\n")
+    suite.write_text(
+        smoke + "\ngate:\n  memory_tolerance: 0%\n  time_tolerance: off\n  figures: [activation_bytes, metric]\n"
+    )
     suite_gate = load_suite(suite).gate
     assert suite_gate == {"memory_tolerance": 0.0, "time_tolerance": None, "figures": ("activation_bytes", "metric")}
     settings = gate.resolve(suite_gate, {"memory_tolerance": "5%", "metric_tolerance": None, "time_tolerance": None})
     assert settings["memory_tolerance"] == 5.0  # the flag beats the suite
     assert settings["time_tolerance"] is None and settings["metric_tolerance"] == gate.DEFAULTS["metric_tolerance"]
-    for bad in ("\ngate:\n  memory_tolerence: 2%\n", "\ngate:\n  metric_tolerance: 1%\n", "\ngate:\n  figures: [vram]\n",
-                "\ngate:\n  time_tolerance: -5\n", "\ngate: strict\n"):
+    for bad in (
+        "\ngate:\n  memory_tolerence: 2%\n",
+        "\ngate:\n  metric_tolerance: 1%\n",
+        "\ngate:\n  figures: [vram]\n",
+        "\ngate:\n  time_tolerance: -5\n",
+        "\ngate: strict\n",
+    ):
         suite.write_text(smoke + bad)
         with pytest.raises(UserError, match=r"\.gate"):
             load_suite(suite)
@@ -262,17 +289,28 @@ def test_suite_gate_is_read_without_the_rest_of_the_suite(sides, tmp_path):
     whose data is missing, or an unknown method elsewhere in the suite do not stop it, and
     neither torch nor the method registry is imported to read it."""
     suite = tmp_path / "suite.yaml"
-    suite.write_text("name: broken\ntasks: [{name: gone, data_files: {train: nowhere.csv}, text_columns: [t],"
-                     " num_labels: 2, metrics: [accuracy]}]\nmethods: [{method: 'no_such_package.methods:Thing'},"
-                     " {method: not_a_method}]\ngate:\n  memory_tolerance: 0%\n")
+    suite.write_text(
+        "name: broken\ntasks: [{name: gone, data_files: {train: nowhere.csv}, text_columns: [t],"
+        " num_labels: 2, metrics: [accuracy]}]\nmethods: [{method: 'no_such_package.methods:Thing'},"
+        " {method: not_a_method}]\ngate:\n  memory_tolerance: 0%\n"
+    )
     assert gate.from_suite(suite)["memory_tolerance"] == 0.0
     base, cur = sides
     edit(cur, LORA, lambda r: r["measurements"].update(activation_bytes=r["measurements"]["activation_bytes"] + 1))
     status, out, err = cli(base, cur, "--suite", suite)
     assert status == 1 and "activation_bytes" in out, out + err  # the suite's 0% tolerance was applied
-    probe = subprocess.run([sys.executable, "-c", "import sys; from harness import gate; "
-                            f"gate.from_suite({str(suite)!r}); print('torch' in sys.modules, 'harness.method' in sys.modules)"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from harness import gate; "
+            f"gate.from_suite({str(suite)!r}); print('torch' in sys.modules, 'harness.method' in sys.modules)",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert probe.stdout.split() == ["False", "False"], probe.stdout + probe.stderr
 
 

@@ -17,8 +17,12 @@ train: {max_steps: 3, batch_size: 16}
 """)
     suite = load_suite(path)
     settings = {(c.task.name, c.entry.label): (c.train.max_steps, c.train.batch_size) for c in suite.cells()}
-    assert settings == {("sst2", "full"): (7, 4), ("sst2", "lora-r4"): (7, 8),
-                        ("stsb", "full"): (3, 4), ("stsb", "lora-r4"): (3, 16)}
+    assert settings == {
+        ("sst2", "full"): (7, 4),
+        ("sst2", "lora-r4"): (7, 8),
+        ("stsb", "full"): (3, 4),
+        ("stsb", "lora-r4"): (3, 16),
+    }
     capped = suite.cells(max_train_samples=10)
     assert all(c.train.max_train_samples == 10 for c in capped)
 
@@ -36,9 +40,9 @@ def test_lr_defaults_to_the_method_and_config_hash_follows_settings(tmp_path):
 def test_cells_carry_every_hyperparameter_so_a_changed_default_reruns(tmp_path, monkeypatch):
     path = tmp_path / "s.yaml"
     path.write_text("tasks: [sst2]\nmethods: [{method: lora, hparams: {r: 4}}]\n")
-    cell, = load_suite(path).cells()
+    (cell,) = load_suite(path).cells()
     lora = registry()["lora"]
     assert cell.to_dict()["method"][0]["hparams"] == {**lora.defaults, "r": 4}
     monkeypatch.setattr(lora, "defaults", {**lora.defaults, "alpha": lora.defaults["alpha"] * 2})
-    changed, = load_suite(path).cells()
+    (changed,) = load_suite(path).cells()
     assert changed.config_hash() != cell.config_hash()

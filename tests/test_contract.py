@@ -118,7 +118,7 @@ def test_saved_bytes_follow_the_shapes_unless_declared(name):
     counts = []
     for padded in (0, 0, 7):  # the first step may differ (VeLoRA initialises from its first batch)
         batch = toy_batch(task, n=8, length=16)
-        batch["attention_mask"][:, 16 - padded:] = 0
+        batch["attention_mask"][:, 16 - padded :] = 0
         counter = SavedTensorCounter(model)
         with counter:
             model(**batch).loss.backward()

@@ -16,7 +16,10 @@ from harness import results
 from harness.cli import main
 from harness.runner import lock_path
 
-SETTINGS = "train: {max_steps: 3, batch_size: 8, max_train_samples: 32, max_eval_samples: 16, max_seq_length: 32, timing_warmup_steps: 1}\n"
+SETTINGS = (
+    "train: {max_steps: 3, batch_size: 8, max_train_samples: 32, max_eval_samples: 16, max_seq_length: 32,\n"
+    "        timing_warmup_steps: 1}\n"
+)
 
 # A plugin method that misbehaves on request, so a fault lands exactly where a test wants it.
 PLUGIN = '''
@@ -71,9 +74,26 @@ def record(out, label):
 
 def start(suite, out, data_dir, **env):
     """The CLI as a user runs it, in its own process group (as a terminal's foreground job)."""
-    return subprocess.Popen([sys.executable, "-m", "harness", "run", str(suite), "--out", str(out), "--data-dir",
-                             str(data_dir), "--no-report"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, **env}, preexec_fn=_default_sigint)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "harness",
+            "run",
+            str(suite),
+            "--out",
+            str(out),
+            "--data-dir",
+            str(data_dir),
+            "--no-report",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, **env},
+        preexec_fn=_default_sigint,
+    )
 
 
 def _default_sigint():
@@ -91,13 +111,17 @@ def wait_for(path, proc, seconds=900):
 
 
 def test_crash_diverged_and_timeout_are_recorded_and_the_suite_goes_on(tiny_suite, tmp_path, data_dir):
-    suite = suite_with(tiny_suite, tmp_path, """
+    suite = suite_with(
+        tiny_suite,
+        tmp_path,
+        """
   - {method: PLUGIN, label: crash, hparams: {fault: raise}}
   - {method: PLUGIN, label: killed, hparams: {fault: sigkill}}
   - {method: full, label: diverge, lr: 1.0e+30, train: {max_grad_norm: null}}
   - {method: PLUGIN, label: slow, hparams: {fault: sleep, seconds: 60.0}, train: {time_limit_s: 1.0}}
   - {method: PLUGIN, label: hog, hparams: {fault: hog}, train: {host_memory_limit_gb: 8}}
-  - {method: full, label: fine}""")
+  - {method: full, label: fine}""",
+    )
     out = tmp_path / "out"
     assert main(["run", str(suite), "--out", str(out), "--data-dir", str(data_dir), "--no-report"]) == 1
     crash = record(out, "crash")
@@ -110,7 +134,9 @@ def test_crash_diverged_and_timeout_are_recorded_and_the_suite_goes_on(tiny_suit
     assert killed["method_info"] == crash["method_info"] and killed["method_info"][0]["name"] == "test_misbehave"
     diverged = record(out, "diverge")
     assert diverged["status"] == "diverged" and "loss is" in diverged["error"]["message"]
-    assert diverged["train"] == {} and diverged["measurements"]["activation_bytes"] > 0, "figures known up to then are kept"
+    assert diverged["train"] == {} and diverged["measurements"]["activation_bytes"] > 0, (
+        "figures known up to then are kept"
+    )
     assert record(out, "slow")["status"] == "timeout"
     hog = record(out, "hog")
     assert hog["status"] == "oom" and "allocate" in hog["error"]["message"], hog["error"]
@@ -123,10 +149,14 @@ def test_crash_diverged_and_timeout_are_recorded_and_the_suite_goes_on(tiny_suit
 @pytest.mark.parametrize("stop", ["ctrl_c", "sigterm"])
 def test_ctrl_c_keeps_finished_cells_and_rerun_resumes(stop, tiny_suite, tmp_path, data_dir):
     """Ctrl-C reaches every process of the terminal's group; SIGTERM (`kill`, a CI job cancelled) the run alone."""
-    suite = suite_with(tiny_suite, tmp_path, """
+    suite = suite_with(
+        tiny_suite,
+        tmp_path,
+        """
   - {method: full, label: first}
   - {method: PLUGIN, label: second, hparams: {fault: sleep_in_training}}
-  - {method: full, label: third}""")
+  - {method: full, label: third}""",
+    )
     out, training = tmp_path / "out", tmp_path / "second-is-training"
     proc = start(suite, out, data_dir, TEST_FAULT_SLEEP="120", TEST_FAULT_MARKER=str(training))
     wait_for(training, proc)  # the second cell is under way, asleep in its second step
@@ -142,18 +172,41 @@ def test_ctrl_c_keeps_finished_cells_and_rerun_resumes(stop, tiny_suite, tmp_pat
     assert not (out / "sst2__third__seed0.json").exists()
     first_written = (out / "sst2__first__seed0.json").stat().st_mtime_ns
 
-    rerun = subprocess.run([sys.executable, "-m", "harness", "run", str(suite), "--out", str(out), "--data-dir",
-                            str(data_dir), "--no-report"], capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "harness",
+            "run",
+            str(suite),
+            "--out",
+            str(out),
+            "--data-dir",
+            str(data_dir),
+            "--no-report",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert rerun.returncode == 0, rerun.stderr
     assert "first / seed 0: already done" in rerun.stdout
-    assert {r["cell"]["label"]: r["status"] for r in results.scan(out).records} == {"first": "ok", "second": "ok", "third": "ok"}
+    assert {r["cell"]["label"]: r["status"] for r in results.scan(out).records} == {
+        "first": "ok",
+        "second": "ok",
+        "third": "ok",
+    }
     assert (out / "sst2__first__seed0.json").stat().st_mtime_ns == first_written
 
 
 def test_sigkill_of_the_whole_run_loses_only_the_cell_under_way(tiny_suite, tmp_path, data_dir):
-    suite = suite_with(tiny_suite, tmp_path, """
+    suite = suite_with(
+        tiny_suite,
+        tmp_path,
+        """
   - {method: full, label: first}
-  - {method: PLUGIN, label: second, hparams: {fault: sleep}}""")
+  - {method: PLUGIN, label: second, hparams: {fault: sleep}}""",
+    )
     out = tmp_path / "out"
     proc = start(suite, out, data_dir, TEST_FAULT_SLEEP="120")
     wait_for(out / "sst2__first__seed0.json", proc)

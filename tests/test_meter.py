@@ -68,8 +68,14 @@ def test_state_bytes_follow_from_the_trainable_parameters():
     assert figures["grad_bytes"] == trainable_bytes  # one fp32 gradient per trainable weight
     # AdamW keeps exp_avg and exp_avg_sq per weight, plus a scalar fp32 step counter per tensor.
     assert figures["optimizer_bytes"] == 2 * trainable_bytes + len(trainable) * F32
-    assert figures["modelled_peak_bytes"] == (frozen_bytes + trainable_bytes + figures["buffer_bytes"] + figures["grad_bytes"]
-                                             + figures["optimizer_bytes"] + figures["activation_bytes"])
+    assert figures["modelled_peak_bytes"] == (
+        frozen_bytes
+        + trainable_bytes
+        + figures["buffer_bytes"]
+        + figures["grad_bytes"]
+        + figures["optimizer_bytes"]
+        + figures["activation_bytes"]
+    )
     assert figures["timed_steps"] == 2 and figures["train_samples_per_s"] > 0
     assert "peak_gpu_allocated_bytes" not in figures, "no CUDA figure on a CPU run: empty, not zero"
     assert figures["optimizer_step"] == "AdamW (fused)", "the fastest step torch has for CPU float32 weights"
@@ -79,11 +85,14 @@ def test_the_fused_step_is_adamws_step():
     """The harness's optimizer against torch's plain for-loop AdamW from the same weights and gradients:
     the same update (to rounding), and the same state, so optimizer_bytes does not depend on the kernel."""
     from harness.train import make_optimizer
+
     torch.manual_seed(0)
     weights = [torch.randn(33, 7), torch.randn(5)]
     sides = []
-    for build in (lambda groups: make_optimizer(groups, 0.01),
-                  lambda groups: torch.optim.AdamW(groups, weight_decay=0.01, foreach=False)):
+    for build in (
+        lambda groups: make_optimizer(groups, 0.01),
+        lambda groups: torch.optim.AdamW(groups, weight_decay=0.01, foreach=False),
+    ):
         params = [torch.nn.Parameter(w.clone()) for w in weights]
         optimizer = build([{"params": params[:1], "lr": 1e-2}, {"params": params[1:], "lr": 3e-3}])
         for step in range(3):
@@ -149,6 +158,7 @@ def run_meter_on(model, batch):
 
 def test_records_which_attention_ran():
     from harness.method import registry
+
     task = toy_task()
     batch = toy_batch(task)
     math = tiny_bert(task)  # attention dropout 0.1: SDPA on CPU takes its unfused math path
@@ -173,6 +183,7 @@ def test_a_method_whose_saved_bytes_follow_the_values_is_counted_every_step(tiny
     import json
 
     from harness.cli import main
+
     suite = tiny_suite("""
 tasks: [sst2]
 methods:
@@ -182,7 +193,9 @@ train: {max_steps: 4, batch_size: 8, max_train_samples: 64, max_seq_length: 48, 
 """)
     out = tmp_path / "out"
     assert main(["run", str(suite), "--out", str(out), "--data-dir", str(data_dir), "--no-report"]) == 0
-    figures = {label: json.loads((out / f"sst2__{label}__seed0.json").read_text())["measurements"]
-               for label in ("full", "tokentune")}
+    figures = {
+        label: json.loads((out / f"sst2__{label}__seed0.json").read_text())["measurements"]
+        for label in ("full", "tokentune")
+    }
     assert figures["full"]["count_activations"] == "per_shape"
     assert figures["tokentune"]["count_activations"] == "every_step"

@@ -14,7 +14,7 @@ from methods.mesa import Mesa
 from methods.s2a import S2A
 from methods.tokentune import TokenTune, select_tokens
 from methods.velora import VeLoRA
-from methods.wta_crs import SampledLinear, WTACRS, sample_rows
+from methods.wta_crs import WTACRS, SampledLinear, sample_rows
 from tests.conftest import no_dropout, tiny_bert, toy_batch, toy_task
 
 TASK = toy_task(2)
@@ -44,6 +44,7 @@ BATCH = toy_batch(TASK, n=8, length=24)
 
 
 # ------------------------------------------------------------------ quantisation
+
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_dequantisation_error_is_at_most_half_a_step(bits):
@@ -86,6 +87,7 @@ def test_bit_dropout_backward_uses_the_forward_mask():
 
 # ------------------------------------------------------------------ Mesa / S2A
 
+
 @pytest.mark.parametrize("cls", [Mesa, S2A])
 def test_compression_keeps_forward_exact_and_gradients_close(cls):
     _, exact, _ = step(no_dropout(tiny_bert(TASK)), BATCH)
@@ -101,9 +103,18 @@ def bert_with_attention_dropout(p: float, length: int):
     """tiny_bert with the given attention dropout: p > 0 sends SDPA on CPU to math attention (which saves
     the length x length probabilities and dropout mask), p == 0 to its fused flash kernel (which saves none)."""
     from transformers import BertConfig, BertForSequenceClassification
+
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                        max_position_embeddings=length, attention_probs_dropout_prob=p, num_labels=2)
+    config = BertConfig(
+        vocab_size=96,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=length,
+        attention_probs_dropout_prob=p,
+        num_labels=2,
+    )
     return BertForSequenceClassification(config)
 
 
@@ -144,6 +155,7 @@ def test_compressed_attention_saves_quantised_q_k_v_and_no_probabilities():
     """Against the fused kernel on the same inputs: it keeps Q, K, V (and its output and softmax
     statistics); the compressed op keeps Q, K, V at 8 bits and nothing of length x length."""
     from methods._activation_compression import CompressedAttention
+
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 256, 16, requires_grad=True) for _ in range(3))
     qkv_bytes = 3 * q.numel() * 4
@@ -163,8 +175,16 @@ def test_compressed_attention_gradients_are_exact_with_exact_storage_and_replay_
     """With Q, K, V kept exact, recomputing the probabilities and redrawing the dropout mask from its
     seed gives autograd's gradients of the same attention, mask for mask."""
     from methods._activation_compression import CompressedAttention, Policy, _dropout_keep
-    policy = Policy(linear_bits=None, norm_bits=None, act_bits=None, act_store="input", qkv_bits=None,
-                    pack_dropout=False, group_size=64)
+
+    policy = Policy(
+        linear_bits=None,
+        norm_bits=None,
+        act_bits=None,
+        act_store="input",
+        qkv_bits=None,
+        pack_dropout=False,
+        group_size=64,
+    )
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 20, 8, requires_grad=True) for _ in range(3))
     mask = torch.ones(2, 1, 20, 20, dtype=torch.bool)
@@ -213,6 +233,7 @@ def test_compression_stacks_after_lora():
 
 
 # ------------------------------------------------------------------ TokenTune
+
 
 def test_tokentune_selection_keeps_cls_and_the_fraction_of_real_tokens():
     valid = torch.ones(3, 10, dtype=torch.bool)
@@ -293,6 +314,7 @@ def test_lora_tokentune_and_compression_stack():
 
 # ------------------------------------------------------------------ WTA-CRS
 
+
 def test_wta_crs_estimate_is_unbiased():
     torch.manual_seed(0)
     x = torch.randn(64, 12) * torch.rand(64, 1) * 3  # rows of very different norms
@@ -348,6 +370,7 @@ def test_wta_crs_after_lora_needs_skip_emptied():
 
 # ------------------------------------------------------------------ VeLoRA
 
+
 def test_velora_saves_less_than_lora():
     # 8 groups of the tiny model's 64 features: sub-tokens of 8 values (64 groups of MiniLM's 384 give 6)
     _, _, lora_bytes = step(LoRA().apply(tiny_bert(TASK), TASK), BATCH)
@@ -368,6 +391,7 @@ def test_velora_down_projection_gradient_is_the_rank_one_reconstructions():
     torch.nn.init.normal_(layer.lora_B["default"].weight)  # B starts at zero, which would give A no gradient
     seen = {}
     layer.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0].detach()))
+
     def grad_of_a_output(module, args):
         args[0].register_hook(lambda g: seen.__setitem__("g", g.detach()))
 
@@ -389,11 +413,13 @@ def test_velora_down_projection_gradient_is_the_rank_one_reconstructions():
 
 # ------------------------------------------------------------------ the comparison suite
 
+
 def test_metl_memory_suite_runs_every_metl_method_at_both_paddings():
     """suites/metl_memory.yaml is where issue 5's ratios come from: a METL method added
     to the registry but left out of it (at either padding) fails here."""
     from harness.config import load_suite
     from harness.method import registry
+
     suite = load_suite(ROOT / "suites" / "metl_memory.yaml")
     assert suite.tasks[0].name == "sst2" and suite.train.batch_size == 32 and suite.train.max_seq_length == 128
     padding = {e.label: e.train.get("padding", suite.train.padding) for e in suite.methods}

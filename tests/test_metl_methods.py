@@ -66,6 +66,7 @@ def record_samples(monkeypatch):
         index, scale = original(x2d, k, valid)
         calls.append((k, valid, index))
         return index, scale
+
     monkeypatch.setattr(wta_crs, "sample_rows", recording)
     return calls
 
@@ -241,8 +242,11 @@ def test_unipt_padding_never_reaches_the_logits(pooling):
             assert torch.allclose(logits, other, atol=1e-6), "hidden states at padding change nothing"
         # the test can fail: unmasked, the same garbage moves the logits
         unmasked = torch.ones_like(mask)
-        assert not torch.allclose(model.trainable_path(states, unmasked),
-                                  model.trainable_path(with_garbage_at_padding(states, mask, 1), unmasked), atol=1e-3)
+        assert not torch.allclose(
+            model.trainable_path(states, unmasked),
+            model.trainable_path(with_garbage_at_padding(states, mask, 1), unmasked),
+            atol=1e-3,
+        )
     # end to end: other token ids at the padded positions
     ids = HEAVY["input_ids"].clone()
     ids[mask == 0] = torch.randint(20, 96, (int((mask == 0).sum()),), generator=torch.Generator().manual_seed(3))
@@ -278,7 +282,7 @@ def test_unipt_confidences_follow_the_papers_formula():
         w, b = model.gate.weight[0], model.gate.bias[0]
         for row in range(8):
             n = int(mask[row].sum())
-            mean = lambda x: x[row, :n].sum(0) / n  # mean over the real tokens only
+            mean = lambda x, row=row, n=n: x[row, :n].sum(0) / n  # mean over the real tokens only
             scores = torch.stack([(mean(xs[-1]) * mean(x) * w).sum() + b for x in xs[:-1]])
             assert torch.allclose(confidence[row], torch.exp(scores) / torch.exp(scores).sum(), atol=1e-5)
 
@@ -314,6 +318,7 @@ def test_which_side_networks_save_length_by_length_maps(name, quadratic):
     """The README's claim: LST's side attention, UniPT's interaction and SHERL's late layer keep
     length x length maps for backward; VQT's queries attend to the tokens, so it keeps none."""
     from harness.method import registry
+
     length = 37  # no other dimension of the tiny model or the batch is 37
     batch = padded_batch([length] * 4, length)
     model = registry()[name]().apply(tiny_bert(TASK), TASK)

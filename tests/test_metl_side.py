@@ -17,12 +17,12 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from methods._frozen import classification_loss, encoder_layers, frozen_hidden_states
 from harness.meter import SavedTensorCounter
 from harness.method import count, registry
+from methods._frozen import classification_loss, encoder_layers, frozen_hidden_states
 from methods.sherl import AntiRedundancyAggregation
 from methods.vqt import read_layer
-from tests.conftest import tiny_bert, toy_batch, toy_task
+from tests.conftest import toy_batch, toy_task
 
 SIDE_METHODS = ["lst", "unipt", "sherl", "vqt"]
 
@@ -30,9 +30,16 @@ SIDE_METHODS = ["lst", "unipt", "sherl", "vqt"]
 def deeper_bert(task, layers: int = 3, seed: int = 0):
     """Like conftest's tiny BERT but with 3 layers, so SHERL has more than one early layer to consolidate."""
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=64, num_labels=task.num_labels,
-                        problem_type="single_label_classification")
+    config = BertConfig(
+        vocab_size=96,
+        hidden_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        num_labels=task.num_labels,
+        problem_type="single_label_classification",
+    )
     return BertForSequenceClassification(config)
 
 
@@ -58,7 +65,9 @@ def test_frozen_hidden_states_are_the_models_own():
     model = deeper_bert(task).eval()
     batch = toy_batch(task)
     ours = frozen_hidden_states(model, *split_batch(batch))
-    theirs = model.base_model(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True).hidden_states
+    theirs = model.base_model(
+        **{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True
+    ).hidden_states
     assert len(ours) == len(theirs) == 4
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b)
@@ -90,9 +99,18 @@ def test_backbone_saves_nothing_for_backward(name, unfreeze_embeddings):
         assert saved_bytes(wrapped, backbone_graph) > whole
 
 
-@pytest.mark.parametrize("name,hparams", [("lst", {}), ("lst", {"init": "random"}), ("unipt", {}), ("sherl", {}),
-                                          ("sherl", {"train_late_layers": True}), ("vqt", {"num_queries": 2})],
-                         ids=["lst", "lst-random", "unipt", "sherl", "sherl-tuned-late", "vqt"])
+@pytest.mark.parametrize(
+    "name,hparams",
+    [
+        ("lst", {}),
+        ("lst", {"init": "random"}),
+        ("unipt", {}),
+        ("sherl", {}),
+        ("sherl", {"train_late_layers": True}),
+        ("vqt", {"num_queries": 2}),
+    ],
+    ids=["lst", "lst-random", "unipt", "sherl", "sherl-tuned-late", "vqt"],
+)
 def test_backbone_gets_no_gradient_and_stays_bit_identical(name, hparams):
     task = toy_task(2)
     model = deeper_bert(task)
@@ -166,7 +184,9 @@ def test_sherl_aggregation_ignores_duplicated_layers():
     twice = aggregate(torch.cat([a, a, b], dim=1), deep)
     torch.testing.assert_close(once, twice)
     # without the redundancy discount, the duplicate would shift the result
-    plain = lambda x: (torch.relu(aggregate.score(x * deep)) / torch.relu(aggregate.score(x * deep)).sum(1, keepdim=True) * x).sum(1)
+    plain = lambda x: (
+        torch.relu(aggregate.score(x * deep)) / torch.relu(aggregate.score(x * deep)).sum(1, keepdim=True) * x
+    ).sum(1)
     assert not torch.allclose(plain(torch.cat([a, b], 1)), plain(torch.cat([a, a, b], 1)))
 
 
@@ -230,15 +250,18 @@ def test_lst_dropped_layers_have_no_ladder():
         assert not torch.allclose(wrapped.trainable_path(shifted(2), mask), base)
 
 
-@pytest.mark.parametrize("layers, kept", [(1, [0]), (3, [1, 2]), (6, [1, 2, 3, 5]), (12, [1, 2, 3, 5, 6, 7, 9, 10, 11])])
+@pytest.mark.parametrize(
+    "layers, kept", [(1, [0]), (3, [1, 2]), (6, [1, 2, 3, 5]), (12, [1, 2, 3, 5, 6, 7, 9, 10, 11])]
+)
 def test_lst_drops_every_fourth_layer_by_default(layers, kept):
     """The authors' GLUE script keeps side layers [1,2,3,5,6,7,9,10,11] of T5-base's 12."""
     task = toy_task(2)
     method = registry()["lst"]()
     wrapped = method.apply(deeper_bert(task, layers=layers), task)
     assert wrapped.kept == kept and len(wrapped.side_layers) == len(kept)
-    assert count(p for p in wrapped.parameters() if p.requires_grad) == \
-        method.expected_trainable_params(deeper_bert(task, layers=layers), task)
+    assert count(p for p in wrapped.parameters() if p.requires_grad) == method.expected_trainable_params(
+        deeper_bert(task, layers=layers), task
+    )
 
 
 def test_sherl_tuned_late_layers_get_their_own_learning_rate():

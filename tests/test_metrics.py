@@ -57,7 +57,7 @@ def test_three_class_accuracy_and_macro_f1_by_hand():
 
 def test_matthews_binary_from_the_confusion_counts():
     # (tp*tn - fp*fn) / sqrt((tp+fp)(tp+fn)(tn+fp)(tn+fn)) = (6 - 2) / sqrt(4 * 3 * 5 * 4) = 4 / sqrt(240)
-    assert METRICS["matthews_correlation"](PRED, REF) == pytest.approx(4 / 240 ** 0.5)
+    assert METRICS["matthews_correlation"](PRED, REF) == pytest.approx(4 / 240**0.5)
 
 
 def test_matthews_three_classes_from_the_confusion_matrix():
@@ -94,7 +94,7 @@ def test_spearman_with_ties_uses_average_ranks():
     # pred's ranks: the tie shares (1 + 2) / 2 -> (1.5, 1.5, 3, 4, 5); ref's (1, 2, 3, 4, 5)
     # deviations: (-1.5, -1.5, 0, 1, 2) and (-2, -1, 0, 1, 2); products 3 + 1.5 + 0 + 1 + 4 = 9.5;
     # squares 9.5 and 10 -> 9.5 / sqrt(95)
-    assert METRICS["spearman"](pred, ref) == pytest.approx(9.5 / 95 ** 0.5)
+    assert METRICS["spearman"](pred, ref) == pytest.approx(9.5 / 95**0.5)
 
 
 def test_pearson_from_its_formula_on_random_data():
@@ -102,7 +102,7 @@ def test_pearson_from_its_formula_on_random_data():
     ref = rng.uniform(0, 5, 200)
     pred = 0.5 * ref + rng.normal(0, 1, 200)
     dp, dr = pred - pred.mean(), ref - ref.mean()
-    expected = (dp * dr).sum() / np.sqrt((dp ** 2).sum() * (dr ** 2).sum())
+    expected = (dp * dr).sum() / np.sqrt((dp**2).sum() * (dr**2).sum())
     assert METRICS["pearson"](pred, ref) == pytest.approx(expected)
     assert 0.3 < expected < 0.95  # a real, partial correlation: neither degenerate nor perfect
 
@@ -150,17 +150,34 @@ def test_values_are_plain_floats():
 
 
 def test_glue_tasks_use_official_metrics():
-    official = {"cola": "matthews_correlation", "sst2": "accuracy", "mrpc": "f1", "qqp": "f1", "stsb": "pearson",
-                "mnli": "accuracy", "qnli": "accuracy", "rte": "accuracy", "wnli": "accuracy"}
+    official = {
+        "cola": "matthews_correlation",
+        "sst2": "accuracy",
+        "mrpc": "f1",
+        "qqp": "f1",
+        "stsb": "pearson",
+        "mnli": "accuracy",
+        "qnli": "accuracy",
+        "rte": "accuracy",
+        "wnli": "accuracy",
+    }
     assert {name: task.primary_metric for name, task in BUILTIN_TASKS.items()} == official
     assert set(BUILTIN_TASKS["stsb"].metrics) == {"pearson", "spearman"}
     assert set(BUILTIN_TASKS["mrpc"].metrics) == {"f1", "accuracy"}
     higher = {name: m.higher_is_better for name, m in METRICS.items()}
-    assert higher == {"accuracy": True, "f1": True, "macro_f1": True, "matthews_correlation": True,
-                      "pearson": True, "spearman": True, "mse": False}
+    assert higher == {
+        "accuracy": True,
+        "f1": True,
+        "macro_f1": True,
+        "matthews_correlation": True,
+        "pearson": True,
+        "spearman": True,
+        "mse": False,
+    }
 
 
 # ---- the registry and the plugin route ------------------------------------------------------------
+
 
 def test_which_metrics_fit_a_task_type_comes_from_their_declarations():
     assert metrics.fitting("classification") == ["accuracy", "f1", "macro_f1", "matthews_correlation"]
@@ -197,18 +214,35 @@ def undeclared(predictions, references):
     return 0.0
 '''
 # 16 rows, 6 of them class 1: the plugin's value on the whole evaluation split is 6 / 16
-ROWS = [("good film", 1), ("bad film", 0), ("fine", 1), ("awful", 0), ("great", 1), ("dull", 0), ("nice", 1),
-        ("poor", 0), ("lovely", 1), ("boring", 0), ("superb", 1), ("weak", 0), ("flat", 0), ("tedious", 0),
-        ("grim", 0), ("meh", 0)]
+ROWS = [
+    ("good film", 1),
+    ("bad film", 0),
+    ("fine", 1),
+    ("awful", 0),
+    ("great", 1),
+    ("dull", 0),
+    ("nice", 1),
+    ("poor", 0),
+    ("lovely", 1),
+    ("boring", 0),
+    ("superb", 1),
+    ("weak", 0),
+    ("flat", 0),
+    ("tedious", 0),
+    ("grim", 0),
+    ("meh", 0),
+]
 
 
 def custom_task_suite(tiny_suite, folder, metric_list: str):
     (folder / "plugin.py").write_text(PLUGIN)
     (folder / "d.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in ROWS))
-    return tiny_suite(f"tasks: [{{name: mine, data_files: {{train: d.csv, validation: d.csv}}, text_columns: [text], "
-                      f"num_labels: 2, metrics: {metric_list}}}]\n"
-                      "methods: [{method: linear_probe, lr: 1.0e-2}]\n"
-                      "train: {max_steps: 2, batch_size: 8, max_seq_length: 16, timing_warmup_steps: 0}\n")
+    return tiny_suite(
+        f"tasks: [{{name: mine, data_files: {{train: d.csv, validation: d.csv}}, text_columns: [text], "
+        f"num_labels: 2, metrics: {metric_list}}}]\n"
+        "methods: [{method: linear_probe, lr: 1.0e-2}]\n"
+        "train: {max_steps: 2, batch_size: 8, max_seq_length: 16, timing_warmup_steps: 0}\n"
+    )
 
 
 def test_a_plugin_metric_runs_end_to_end_and_lands_in_the_record(tiny_suite, tmp_path):
@@ -228,19 +262,27 @@ def test_a_plugin_is_imported_once_per_process(tmp_path):
     (tmp_path / "plugin.py").write_text(PLUGIN)
     ref = f"{tmp_path / 'plugin.py'}:share_of_ones"
     first, again = metrics.resolve(ref, "here"), metrics.METRICS[ref]
-    assert first is again and first.higher_is_better is False and first.description == "fraction of references that are class 1"
+    assert (
+        first is again
+        and first.higher_is_better is False
+        and first.description == "fraction of references that are class 1"
+    )
     metrics.resolve(f"{tmp_path / 'plugin.py'}:regression_only", "here")  # another name from the same file
     assert (tmp_path / "plugin.imports").read_text() == "imported\n"
 
 
-@pytest.mark.parametrize("ref,words", [
-    ("no_such_module_anywhere:fn", ["cannot import plugin", "no_such_module_anywhere"]),
-    ("{dir}/absent.py:fn", ["absent.py", "does not exist"]),
-    ("{dir}/plugin.py:nothing_here", ["has no 'nothing_here'"]),
-    ("{dir}/plugin.py:undeclared", ["not a declared metric", "@harness.metrics.metric"]),
-    ("{dir}/plugin.py:regression_only", ["does not fit a classification task"]),
-    ("bleu", ["unknown metric 'bleu'"]),
-], ids=["no-module", "no-file", "no-attribute", "not-decorated", "wrong-task-type", "unknown-name"])
+@pytest.mark.parametrize(
+    "ref,words",
+    [
+        ("no_such_module_anywhere:fn", ["cannot import plugin", "no_such_module_anywhere"]),
+        ("{dir}/absent.py:fn", ["absent.py", "does not exist"]),
+        ("{dir}/plugin.py:nothing_here", ["has no 'nothing_here'"]),
+        ("{dir}/plugin.py:undeclared", ["not a declared metric", "@harness.metrics.metric"]),
+        ("{dir}/plugin.py:regression_only", ["does not fit a classification task"]),
+        ("bleu", ["unknown metric 'bleu'"]),
+    ],
+    ids=["no-module", "no-file", "no-attribute", "not-decorated", "wrong-task-type", "unknown-name"],
+)
 def test_a_bad_metric_reference_is_one_line_and_exit_2(ref, words, tiny_suite, tmp_path, capsys):
     suite = custom_task_suite(tiny_suite, tmp_path, f"['{ref.format(dir=tmp_path)}']")
     assert main(["validate", str(suite)]) == 2

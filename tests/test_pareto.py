@@ -11,14 +11,16 @@ def brute_force(metrics, costs):
     """The definition, checked pair by pair: on the frontier unless some point dominates it."""
     points = list(zip(metrics, costs))
     usable = [not any(v is None or (isinstance(v, float) and math.isnan(v)) for v in p) for p in points]
-    return [usable[i] and not any(usable[j] and dominates(points[j], points[i]) for j in range(len(points)))
-            for i in range(len(points))]
+    return [
+        usable[i] and not any(usable[j] and dominates(points[j], points[i]) for j in range(len(points)))
+        for i in range(len(points))
+    ]
 
 
 def test_dominated_points_are_excluded():
     #          cheap+weak  mid+best  dear+worse  dear+best  mid+weak
-    metrics = [0.70,       0.85,     0.80,       0.85,      0.60]
-    costs = [100,          200,      300,        300,       200]
+    metrics = [0.70, 0.85, 0.80, 0.85, 0.60]
+    costs = [100, 200, 300, 300, 200]
     assert frontier_mask(metrics, costs) == [True, True, False, False, False]
 
 
@@ -64,8 +66,10 @@ def test_matches_the_definition_on_random_points_with_many_ties():
     rng = random.Random(0)
     for n in itertools.chain(range(1, 9), [30, 60]):
         for _ in range(40):
-            metrics = [rng.choice([0.5, 0.6, 0.7, float("nan")]) if rng.random() < 0.1 else rng.choice([0.5, 0.6, 0.7])
-                       for _ in range(n)]
+            metrics = [
+                rng.choice([0.5, 0.6, 0.7, float("nan")]) if rng.random() < 0.1 else rng.choice([0.5, 0.6, 0.7])
+                for _ in range(n)
+            ]
             costs = [rng.choice([1, 2, 3, 4]) for _ in range(n)]
             assert frontier_mask(metrics, costs) == brute_force(metrics, costs), (metrics, costs)
 
@@ -82,9 +86,20 @@ def test_the_figure_draws_this_staircase_in_its_own_units():
     import pandas as pd
 
     from harness import plots
-    frame = pd.DataFrame({"method": list("abcd"), "family": "PETL", "status": "ok", "metric_name": "mse",
-                          "higher_is_better": False, "peak_source": "modelled", "metric_std": float("nan"),
-                          "metric_mean": [0.30, 0.20, 0.25, 0.10], "peak_bytes": [2**20, 2 * 2**20, 3 * 2**20, 4 * 2**20]})
+
+    frame = pd.DataFrame(
+        {
+            "method": list("abcd"),
+            "family": "PETL",
+            "status": "ok",
+            "metric_name": "mse",
+            "higher_is_better": False,
+            "peak_source": "modelled",
+            "metric_std": float("nan"),
+            "metric_mean": [0.30, 0.20, 0.25, 0.10],
+            "peak_bytes": [2**20, 2 * 2**20, 3 * 2**20, 4 * 2**20],
+        }
+    )
     fig, ax = plt.subplots()
     plots.scatter_panel(ax, "toy", frame, "peak_bytes", "peak memory", True, False)
     [stairs] = [line for line in ax.lines if line.get_linestyle() == "--"]

@@ -73,8 +73,10 @@ def test_reparametrised_prompts_count_what_is_trained(minilm):
     base, task = minilm
     total, d, layers = count(base.parameters()), base.config.hidden_size, base.config.num_hidden_layers
     head = 2 * d + 2
-    for name, kept_at_inference, hparams in [("prefix_tuning", 10 * layers * 2 * d, {"projection": True, "init": "random"}),
-                                             ("p_tuning", 20 * d, {})]:
+    for name, kept_at_inference, hparams in [
+        ("prefix_tuning", 10 * layers * 2 * d, {"projection": True, "init": "random"}),
+        ("p_tuning", 20 * d, {}),
+    ]:
         assert 0.01 <= 100 * kept_at_inference / total <= 0.5
         trained = trainable_count(applied(base, name, **hparams))
         assert trained - head > 20 * kept_at_inference, f"{name}: the reparametrisation is trained and counted"
@@ -84,6 +86,7 @@ def test_reparametrised_prompts_count_what_is_trained(minilm):
 @pytest.mark.parametrize("name", PEFT_METHODS)
 def test_peft_wrapper_trains_exactly_what_peft_marks(name):
     from peft import get_peft_model
+
     task = toy_task()
     method = registry()[name]()
     harness_model = method.apply(tiny_bert(task), task)
@@ -111,7 +114,7 @@ def test_prefix_starts_from_real_words_keys_and_values():
         for slot, stored in enumerate((cache.layers[layer].keys, cache.layers[layer].values)):
             as_fed = stored[0].transpose(0, 1).reshape(n, d)  # (heads, n, head_dim) -> n x d
             start = (2 * layer + slot) * d  # peft's flat layout: layer 0's key, its value, layer 1's key, ...
-            assert torch.equal(as_fed, prefix[:, start:start + d])
+            assert torch.equal(as_fed, prefix[:, start : start + d])
     # and they are real words: virtual token i's layer-0 key is that of some vocabulary
     # token at position i (layer 0's keys depend on nothing but the token and its position)
     every_token = torch.arange(base.config.vocab_size)[:, None].repeat(1, n)
@@ -137,7 +140,7 @@ def test_prefix_keys_and_values_are_prepended_in_every_layer():
             assert (probs[..., :n].sum(-1) > 0.01).all(), "every query gives the prefix some weight"
         prefix = model.prompt_encoder["default"].embedding.weight
         d = model.base_model.config.hidden_size
-        prefix[:, 3 * d:4 * d] += 1.0  # layer 1's values (layout: layer 0 key, value, layer 1 key, value)
+        prefix[:, 3 * d : 4 * d] += 1.0  # layer 1's values (layout: layer 0 key, value, layer 1 key, value)
         assert not torch.allclose(model(**batch).logits, out.logits)
 
 
@@ -148,8 +151,9 @@ def test_prefix_head_lr_is_the_heads_alone():
     prefix_group, head_group = method.param_groups(model, 1e-2)
     assert prefix_group["lr"] == 1e-2 and head_group["lr"] == 5e-2
     assert [id(p) for p in prefix_group["params"]] == [id(model.prompt_encoder["default"].embedding.weight)]
-    assert count(head_group["params"]) == count(p for p in model.parameters() if p.requires_grad) - \
-        count(prefix_group["params"])
+    assert count(head_group["params"]) == count(p for p in model.parameters() if p.requires_grad) - count(
+        prefix_group["params"]
+    )
 
 
 def test_pasta_adds_vectors_at_special_tokens_only(minilm, tokenizer):
@@ -171,7 +175,10 @@ def test_pasta_adds_vectors_at_special_tokens_only(minilm, tokenizer):
             model(**batch)
         return [after - before for before, after in (seen[i] for i in range(len(layers)))]
 
-    pairs = (["A man is playing a guitar.", "Short."], ["He plays music.", "Someone performs a song on an instrument today."])
+    pairs = (
+        ["A man is playing a guitar.", "Short."],
+        ["He plays music.", "Someone performs a song on an instrument today."],
+    )
     batch = dict(tokenizer(*pairs, padding=True, return_tensors="pt"))
     special = torch.isin(batch["input_ids"], torch.tensor([tokenizer.cls_token_id, tokenizer.sep_token_id]))
     slot = special.long().cumsum(1) - 1  # 0 for [CLS], 1 for the middle [SEP], 2 for the last
@@ -182,8 +189,14 @@ def test_pasta_adds_vectors_at_special_tokens_only(minilm, tokenizer):
         assert torch.allclose(delta[special], vectors[i][slot[special]], atol=1e-5)
 
     # other words, other lengths: still exactly the special tokens, with the same vectors
-    other = dict(tokenizer(["Completely different words here, and more of them.", "No."], ["x", "y z"],
-                           padding=True, return_tensors="pt"))
+    other = dict(
+        tokenizer(
+            ["Completely different words here, and more of them.", "No."],
+            ["x", "y z"],
+            padding=True,
+            return_tensors="pt",
+        )
+    )
     other_special = torch.isin(other["input_ids"], torch.tensor([tokenizer.cls_token_id, tokenizer.sep_token_id]))
     for i, delta in enumerate(deltas(other)):
         assert torch.equal(delta.abs().sum(-1) > 0, other_special)
@@ -198,15 +211,25 @@ def test_pasta_adds_vectors_at_special_tokens_only(minilm, tokenizer):
         assert torch.allclose(a, b, atol=1e-5)
 
 
-@pytest.mark.parametrize("name,tolerance", [
-    ("parallel_adapter", 0.0),  # up-projection starts at zero: exactly the frozen model
-    ("lora", 0.0), ("dora", 0.0), ("vera", 0.0), ("adalora", 0.0), ("ia3", 0.0), ("ln_tuning", 0.0),
-    ("houlsby", 1e-2),  # N(0, 1e-2) weights: near identity, as the paper requires (12 adapters: ~0.8%)
-    ("pfeiffer", 0.1),  # N(0, 0.02) weights; the paper claims no identity init, only closeness (~6%)
-])
+@pytest.mark.parametrize(
+    "name,tolerance",
+    [
+        ("parallel_adapter", 0.0),  # up-projection starts at zero: exactly the frozen model
+        ("lora", 0.0),
+        ("dora", 0.0),
+        ("vera", 0.0),
+        ("adalora", 0.0),
+        ("ia3", 0.0),
+        ("ln_tuning", 0.0),
+        ("houlsby", 1e-2),  # N(0, 1e-2) weights: near identity, as the paper requires (12 adapters: ~0.8%)
+        ("pfeiffer", 0.1),  # N(0, 0.02) weights; the paper claims no identity init, only closeness (~6%)
+    ],
+)
 def test_starts_at_the_frozen_model(minilm, tokenizer, name, tolerance):
     base, _ = minilm
-    batch = dict(tokenizer(["a gripping, funny film", "dull and far too long for what it is"], padding=True, return_tensors="pt"))
+    batch = dict(
+        tokenizer(["a gripping, funny film", "dull and far too long for what it is"], padding=True, return_tensors="pt")
+    )
     base.eval()
     model = applied(base, name)
     model.eval()
@@ -224,7 +247,7 @@ def test_prompt_heads_read_the_text_cls_state():
     for name in ("prompt_tuning", "p_tuning", "dept"):
         model = tiny_bert(task)
         pooled_input = []
-        model.bert.pooler.register_forward_pre_hook(lambda m, args: pooled_input.append(args[0]))
+        model.bert.pooler.register_forward_pre_hook(lambda m, args, seen=pooled_input: seen.append(args[0]))
         model = registry()[name]().apply(model, task)
         model(**batch)
         assert pooled_input[0].shape[1] == batch["input_ids"].shape[1], name
@@ -232,7 +255,9 @@ def test_prompt_heads_read_the_text_cls_state():
 
 def test_adalora_prunes_ranks_during_training():
     task = toy_task()
-    method = registry()["adalora"](init_r=6, target_r=2, total_step=20, tinit=0.1, tfinal=0.3, target_modules=["query", "value"])
+    method = registry()["adalora"](
+        init_r=6, target_r=2, total_step=20, tinit=0.1, tfinal=0.3, target_modules=["query", "value"]
+    )
     model = method.apply(tiny_bert(task), task)
     batch = toy_batch(task)
     optimizer = torch.optim.AdamW(method.param_groups(model, 1e-2))
@@ -260,9 +285,13 @@ def test_dept_trains_prompt_and_low_rank_pair_at_two_rates():
 
 def test_bert_only_methods_refuse_other_architectures():
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
     from harness.errors import UserError
+
     task = toy_task()
-    other = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=96, dim=32, n_layers=1, n_heads=2, hidden_dim=64))
+    other = DistilBertForSequenceClassification(
+        DistilBertConfig(vocab_size=96, dim=32, n_layers=1, n_heads=2, hidden_dim=64)
+    )
     for name in ("houlsby", "pfeiffer", "parallel_adapter", "pasta", "ia3", "dora"):
         with pytest.raises(UserError, match="not a BERT-family encoder"):
             registry()[name]().apply(copy.deepcopy(other), task)

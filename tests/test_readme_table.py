@@ -30,13 +30,15 @@ def table_in(path: Path) -> str:
     text = path.read_text() if path.is_file() else ""
     assert START in text and END in text, (
         f"{path.relative_to(ROOT)} has no methods table: put the output of "
-        f"`python -m harness list methods --markdown` between {START} and {END}")
+        f"`python -m harness list methods --markdown` between {START} and {END}"
+    )
     return text.split(START, 1)[1].split(END, 1)[0].strip()
 
 
 def test_methods_table_is_generated_from_the_registry(capsys):
     assert table_in(METHODS_DOC) == generated(capsys), (
-        "docs/methods.md's methods table is stale: regenerate it with `python -m harness list methods --markdown`")
+        "docs/methods.md's methods table is stale: regenerate it with `python -m harness list methods --markdown`"
+    )
 
 
 def test_markdown_listing_is_only_for_methods(capsys):
@@ -47,7 +49,9 @@ def test_markdown_listing_is_only_for_methods(capsys):
 def test_readme_is_short():
     lines = len((ROOT / "README.md").read_text().splitlines())
     assert lines <= README_MAX_LINES, (
-        f"README.md has {lines} lines (at most {README_MAX_LINES}): move reference text or findings into docs/ and link to it")
+        f"README.md has {lines} lines (at most {README_MAX_LINES}): "
+        "move reference text or findings into docs/ and link to it"
+    )
 
 
 # ---------------------------------------------------------------- links
@@ -77,12 +81,15 @@ def anchors(path: Path) -> set[str]:
 
 
 def relative_links(path: Path) -> list[str]:
-    return [target for target in LINK.findall(prose(path.read_text()))
-            if not re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I)]  # http:, https:, mailto: ... are not checked
+    return [
+        target for target in LINK.findall(prose(path.read_text())) if not re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I)
+    ]  # http:, https:, mailto: ... are not checked
 
 
 def test_docs_exist():
-    assert (ROOT / "docs").is_dir() and len(documents()) > 1, "docs/ holds the reference and findings README.md links to"
+    assert (ROOT / "docs").is_dir() and len(documents()) > 1, (
+        "docs/ holds the reference and findings README.md links to"
+    )
 
 
 def test_relative_links_point_to_files_that_exist():

@@ -12,7 +12,6 @@ import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from harness import cli, report, results, summary
@@ -21,13 +20,16 @@ from harness.formatting import markdown_cell
 
 FIXTURE = Path(__file__).parent / "fixtures" / "report" / "results"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (Debian: apt-get install -y chromium)")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="headless Chromium not installed (Debian: apt-get install -y chromium)"
+)
 UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 
 # Run after the page's load event: what the images and resources did, and whether clicking a header sorts.
 PROBE = """<script>
 window.addEventListener("load", function () {
-  var out = {images: Array.prototype.map.call(document.images, function (i) { return i.complete && i.naturalWidth > 0; }),
+  var out = {images: Array.prototype.map.call(document.images,
+                                              function (i) { return i.complete && i.naturalWidth > 0; }),
              resources: performance.getEntriesByType("resource").map(function (e) { return e.name; })};
   var table = document.querySelector('table[data-scope="sst2"]'), th = table.querySelector("th.col-metric");
   function column() { return Array.prototype.map.call(table.tBodies[0].rows, function (r) {
@@ -55,10 +57,25 @@ def frame():
 def run_chromium(page: Path, workdir: Path) -> tuple[str, list[str]]:
     """(DOM after load, console messages): any console message from our page is a fault."""
     proc = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={workdir / 'profile'}",
-         "--enable-logging=stderr", "--v=0", "--dump-dom", page.as_uri()],
-        capture_output=True, text=True, timeout=180)
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={workdir / 'profile'}",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     console = [line for line in proc.stderr.splitlines() if re.search(r":CONSOLE[:(]", line)]
     return proc.stdout, console
@@ -147,7 +164,7 @@ def test_page_renders_without_console_errors_and_shows_the_records(written, fram
     assert numbers(seen.probe["ascending"]) == sorted(numbers(seen.probe["ascending"]))
     assert numbers(seen.probe["descending"]) == sorted(numbers(seen.probe["descending"]), reverse=True)
     for order in (seen.probe["ascending"], seen.probe["descending"]):
-        assert order[len(numbers(order)):] == [""] * (len(order) - len(numbers(order)))
+        assert order[len(numbers(order)) :] == [""] * (len(order) - len(numbers(order)))
     assert seen.probe["aria"] == "ascending"
 
     # Per task and method: every shown number against the records' own figures.
@@ -155,7 +172,9 @@ def test_page_renders_without_console_errors_and_shows_the_records(written, fram
         [row] = seen.rows[(task, method)]
         ok = group[group["status"] == "ok"]
         statuses = set(group["status"])
-        assert row["status"] == statuses.pop() if len(statuses) == 1 else all(f" {s}" in row["status"] for s in statuses)
+        assert (
+            row["status"] == statuses.pop() if len(statuses) == 1 else all(f" {s}" in row["status"] for s in statuses)
+        )
         # The family comes from the records' method_info, which the runner writes too, for a killed cell.
         assert set(group["family"]) == {row["family"]}
         mean, std = shown_metric(row["metric"])
@@ -169,7 +188,9 @@ def test_page_renders_without_console_errors_and_shows_the_records(written, fram
             assert close(activations, ok["activation_bytes"].mean(), 0.1 * unit)
             count, pct = re.fullmatch(r"([\d,]+) \(([\d.e-]+)%\)", row["trainable"]).groups()
             assert int(count.replace(",", "")) == ok["trainable_params"].iloc[0]
-            assert float(pct) == pytest.approx(100 * ok["trainable_params"].iloc[0] / ok["total_params"].iloc[0], rel=5e-3)
+            assert float(pct) == pytest.approx(
+                100 * ok["trainable_params"].iloc[0] / ok["total_params"].iloc[0], rel=5e-3
+            )
             assert close(float(row["throughput"].replace(",", "")), ok["train_samples_per_s"].mean(), 0.1)
             assert close(float(row["time"].removesuffix(" s").replace(",", "")), ok["train_seconds"].mean(), 0.1)
         else:  # nothing finished: no figures, and the status says why
@@ -198,8 +219,9 @@ def test_page_renders_without_console_errors_and_shows_the_records(written, fram
     failed = frame[frame["status"] != "ok"]
     listed = [r for (scope, _), rows in seen.rows.items() if scope == "failed" for r in rows]
     assert len(listed) == len(failed)
-    assert sorted((r["task"], r["method"], int(r["seed"]), r["status"]) for r in listed) == \
-        sorted(zip(failed["task"], failed["method"], failed["seed"], failed["status"]))
+    assert sorted((r["task"], r["method"], int(r["seed"]), r["status"]) for r in listed) == sorted(
+        zip(failed["task"], failed["method"], failed["seed"], failed["status"])
+    )
     assert all(r["error"] not in ("", "—") for r in listed)
 
 
@@ -218,7 +240,10 @@ def test_frontier_rows_are_highlighted_in_both_formats(written):
     front = found.per_task[found.per_task["pareto"]]
     assert len(front) >= 2
     for row in front.to_dict("records"):
-        assert re.search(rf'<tr class="frontier" data-scope="{re.escape(row["task"])}" data-method="{re.escape(row["method"])}"', page)
+        assert re.search(
+            rf'<tr class="frontier" data-scope="{re.escape(row["task"])}" data-method="{re.escape(row["method"])}"',
+            page,
+        )
     markdown = (written / report.MARKDOWN_NAME).read_text()
     for name in ("pareto_memory", "metric_vs_params", "metric_vs_throughput", "memory_breakdown"):
         assert f"]({name}.png)" in markdown
@@ -229,8 +254,14 @@ def test_frontier_rows_are_highlighted_in_both_formats(written):
 def test_header_says_what_was_run(written, frame):
     page = (written / report.HTML_NAME).read_text()
     record = results.read_record(next(FIXTURE.glob("*.json")))
-    for text in ("report-fixture", record["env"]["device"], f"torch {record['env']['packages']['torch']}",
-                 record["cell"]["backbone_description"], "24 (", "2 seeds"):
+    for text in (
+        "report-fixture",
+        record["env"]["device"],
+        f"torch {record['env']['packages']['torch']}",
+        record["cell"]["backbone_description"],
+        "24 (",
+        "2 seeds",
+    ):
         assert report.esc(text) in page, text
 
 
@@ -262,7 +293,9 @@ def test_a_run_where_nothing_finished_is_still_reported(tmp_path):
     for path in FIXTURE.glob("*time-limit*.json"):
         shutil.copy(path, failed)
     page = report.write_report(failed, tmp_path / "out").read_text()
-    assert page.count('<span class="status">timeout</span>') == 4 + 2 + 1  # failed table (4 cells), per task (2), across tasks (1)
+    assert (
+        page.count('<span class="status">timeout</span>') == 4 + 2 + 1
+    )  # failed table (4 cells), per task (2), across tasks (1)
     assert "no finished method" in page
 
 
@@ -281,7 +314,10 @@ def test_peak_memory_prefers_device_figures():
     row = {"peak_gpu_allocated_bytes": 3.0, "nvml_peak_bytes": 2.0, "modelled_peak_bytes": 1.0}
     assert summary.peak_memory(row) == (3.0, "CUDA allocated")
     assert summary.peak_memory({**row, "peak_gpu_allocated_bytes": None}) == (2.0, "NVML")
-    assert summary.peak_memory({**row, "peak_gpu_allocated_bytes": float("nan"), "nvml_peak_bytes": None}) == (1.0, "modelled")
+    assert summary.peak_memory({**row, "peak_gpu_allocated_bytes": float("nan"), "nvml_peak_bytes": None}) == (
+        1.0,
+        "modelled",
+    )
     assert summary.peak_memory({"nvml_peak_bytes": 5.0, "nvml_source": "device_minus_baseline"}) == (5.0, "NVML device")
     value, source = summary.peak_memory({})
     assert math.isnan(value) and source is None
@@ -305,6 +341,7 @@ def test_report_of_nothing_is_a_user_error(tmp_path, capsys):
 
 def test_run_writes_the_report_and_a_failing_report_changes_nothing(tmp_path, monkeypatch, capsys):
     from harness import runner
+
     suite_file = FIXTURE.parent / "suite.yaml"
     records = [results.read_record(p) for p in sorted(FIXTURE.glob("*.json"))]
     monkeypatch.setattr(runner, "run_suite", lambda *args, **kwargs: records)  # the run itself is tested elsewhere
@@ -318,6 +355,7 @@ def test_run_writes_the_report_and_a_failing_report_changes_nothing(tmp_path, mo
 
     def broken(src, out):
         raise RuntimeError("disk full")
+
     monkeypatch.setattr(report, "write_report", broken)
     assert cli.main(args) == 1
     assert "warning: the report failed (RuntimeError: disk full)" in capsys.readouterr().err

@@ -14,7 +14,8 @@ tasks: [sst2, stsb]
 methods:
   - {method: full, lr: 1.0e-3}
   - {method: linear_probe, lr: 1.0e-2}
-train: {max_steps: 4, batch_size: 8, max_train_samples: 64, max_eval_samples: 32, max_seq_length: 32, timing_warmup_steps: 1}
+train: {max_steps: 4, batch_size: 8, max_train_samples: 64, max_eval_samples: 32, max_seq_length: 32,
+        timing_warmup_steps: 1}
 """
 
 
@@ -26,8 +27,12 @@ def test_run_writes_one_complete_record_per_cell(tiny_suite, tmp_path, data_dir)
     out = tmp_path / "out"
     assert run(tiny_suite(BODY), out, data_dir) == 0
     files = sorted(p.name for p in out.glob("*.json"))
-    assert files == ["sst2__full__seed0.json", "sst2__linear_probe__seed0.json",
-                     "stsb__full__seed0.json", "stsb__linear_probe__seed0.json"]
+    assert files == [
+        "sst2__full__seed0.json",
+        "sst2__linear_probe__seed0.json",
+        "stsb__full__seed0.json",
+        "stsb__linear_probe__seed0.json",
+    ]
     record = json.loads((out / "sst2__full__seed0.json").read_text())
     assert record["status"] == "ok"
     assert record["cell"]["train"]["max_steps"] == 4 and record["train"]["steps"] == 4
@@ -45,8 +50,11 @@ def test_run_writes_one_complete_record_per_cell(tiny_suite, tmp_path, data_dir)
 def test_a_cell_survives_its_trip_through_a_record(tiny_suite):
     """The worker rebuilds the cell from the job's dict: every setting, the hash and the key come back."""
     from harness.config import Cell, load_suite
-    body = BODY.replace("{method: full, lr: 1.0e-3}", "{stack: [{method: lora, hparams: {r: 4}}, {method: mesa}], lr: 3.0e-4, "
-                        "train: {batch_size: 4}}")
+
+    body = BODY.replace(
+        "{method: full, lr: 1.0e-3}",
+        "{stack: [{method: lora, hparams: {r: 4}}, {method: mesa}], lr: 3.0e-4, train: {batch_size: 4}}",
+    )
     for cell in load_suite(tiny_suite(body)).cells():
         back = Cell.from_dict(json.loads(json.dumps(cell.to_dict())))
         assert back.to_dict() == cell.to_dict() and back.config_hash() == cell.config_hash() and back.key == cell.key
@@ -55,12 +63,16 @@ def test_a_cell_survives_its_trip_through_a_record(tiny_suite):
 
 def test_a_plugin_entry_is_labelled_by_its_class_name(tiny_suite, tmp_path):
     from harness.config import load_suite
+
     plugin = tmp_path / "plugins" / "head_only.py"
     plugin.parent.mkdir()
-    plugin.write_text("from methods.linear_probe import LinearProbe\n\n"
-                      "class HeadOnly(LinearProbe):\n    name = 'head_only'\n")
-    body = BODY.replace("{method: full, lr: 1.0e-3}", f"{{method: '{plugin}:HeadOnly'}}\n"
-                        f"  - {{stack: [{{method: '{plugin}:HeadOnly'}}, {{method: mesa}}]}}")
+    plugin.write_text(
+        "from methods.linear_probe import LinearProbe\n\nclass HeadOnly(LinearProbe):\n    name = 'head_only'\n"
+    )
+    body = BODY.replace(
+        "{method: full, lr: 1.0e-3}",
+        f"{{method: '{plugin}:HeadOnly'}}\n  - {{stack: [{{method: '{plugin}:HeadOnly'}}, {{method: mesa}}]}}",
+    )
     labels = [cell.entry.label for cell in load_suite(tiny_suite(body)).cells() if cell.task.name == "sst2"]
     assert labels == ["head_only", "head_only+mesa", "linear_probe"]
 
@@ -101,7 +113,8 @@ def test_a_memory_only_cell_has_figures_but_no_metric(tiny_suite, tmp_path, data
     evaluated; the results, the report and the gate take it as a cell without a score, not as a failure."""
     out = tmp_path / "out"
     body = BODY.replace("tasks: [sst2, stsb]", "tasks: [sst2]").replace(
-        "{method: linear_probe, lr: 1.0e-2}", "{method: linear_probe, lr: 1.0e-2, train: {evaluate: false}}")
+        "{method: linear_probe, lr: 1.0e-2}", "{method: linear_probe, lr: 1.0e-2, train: {evaluate: false}}"
+    )
     assert run(tiny_suite(body), out, data_dir) == 0
     record = json.loads((out / "sst2__linear_probe__seed0.json").read_text())
     assert record["status"] == "ok" and record["metrics"] == {} and record["train"]["steps"] == 4
@@ -111,9 +124,15 @@ def test_a_memory_only_cell_has_figures_but_no_metric(tiny_suite, tmp_path, data
     # the full cell was evaluated on max_eval_samples=32 examples: its accuracy is some k/32 with 0 <= k <= 32
     # (a NaN, a score over another number of examples, or one outside [0, 1] fails)
     correct = frame.loc["full", "metric"] * 32
-    assert frame.loc["full", "metric_name"] == "accuracy" and 0 <= correct <= 32 and correct == pytest.approx(round(correct))
+    assert (
+        frame.loc["full", "metric_name"] == "accuracy"
+        and 0 <= correct <= 32
+        and correct == pytest.approx(round(correct))
+    )
     assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
-    assert "linear\\_probe | baseline | ok | —" in (tmp_path / "report" / "report.md").read_text(), "no score, not a failure"
+    assert "linear\\_probe | baseline | ok | —" in (tmp_path / "report" / "report.md").read_text(), (
+        "no score, not a failure"
+    )
     assert main(["compare", str(out), str(out)]) == 0
 
 
@@ -122,6 +141,7 @@ def test_recorded_metrics_are_those_of_the_predictions(tiny_suite, data_dir, mon
     order, and each recorded metric is what its definition gives on those predictions, computed here by hand."""
     from harness import worker
     from harness.config import load_suite
+
     body = BODY.replace("{method: full, lr: 1.0e-3}\n  - ", "").replace(" max_eval_samples: 32,", "")
     cells = load_suite(tiny_suite(body)).cells()
     outputs = []
@@ -130,6 +150,7 @@ def test_recorded_metrics_are_those_of_the_predictions(tiny_suite, data_dir, mon
     def keep(*args, **kwargs):
         outputs.append(real_predict(*args, **kwargs))
         return outputs[-1]
+
     monkeypatch.setattr(worker, "predict", keep)
     records = {cell.task.name: worker.run_cell(cell, data_dir, "cpu", progress=False) for cell in cells}
     assert [r["status"] for r in records.values()] == ["ok", "ok"], [r.get("error") for r in records.values()]
@@ -145,9 +166,12 @@ def test_recorded_metrics_are_those_of_the_predictions(tiny_suite, data_dir, mon
 
     def pearson(x, y):
         dx, dy = x - x.mean(), y - y.mean()
-        return (dx * dy).sum() / np.sqrt((dx ** 2).sum() * (dy ** 2).sum())
+        return (dx * dy).sum() / np.sqrt((dx**2).sum() * (dy**2).sum())
+
     metrics = records["stsb"]["metrics"]
     assert np.std(stsb_pred) > 0, "a constant prediction would make both correlations 0 and prove nothing"
-    assert metrics["pearson"]["value"] == pytest.approx(pearson(stsb_pred.astype(float), scores.astype(float)), abs=1e-6)
+    assert metrics["pearson"]["value"] == pytest.approx(
+        pearson(stsb_pred.astype(float), scores.astype(float)), abs=1e-6
+    )
     ranks = lambda v: pd.Series(v).rank(method="average").to_numpy()
     assert metrics["spearman"]["value"] == pytest.approx(pearson(ranks(stsb_pred), ranks(scores)), abs=1e-6)

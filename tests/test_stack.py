@@ -72,19 +72,25 @@ def test_a_one_component_stack_is_that_component():
     torch.manual_seed(0)
     model, declared = method.attach(tiny_bert(TASK), TASK)
     assert declared == expected
-    assert [(g["lr"], [n for p in g["params"] for n, q in model.named_parameters() if q is p]) for g in method.param_groups(model, 0.3)] \
-        == [(g["lr"], [n for p in g["params"] for n, q in single.named_parameters() if q is p]) for g in own]
+    assert [
+        (g["lr"], [n for p in g["params"] for n, q in model.named_parameters() if q is p])
+        for g in method.param_groups(model, 0.3)
+    ] == [(g["lr"], [n for p in g["params"] for n, q in single.named_parameters() if q is p]) for g in own]
 
 
 LORA = registry()["lora"]().expected_trainable_params(tiny_bert(TASK), TASK)  # from LoRA's shapes formula
 
 
-@pytest.mark.parametrize("components", [
-    [("lora", {}), ("mesa", {})],
-    [("lora", {}), ("tokentune", {})],
-    [("lora", {}), ("tokentune", {}), ("mesa", {})],
-    [("lora", {}), ("wta_crs", {"skip": []})],
-], ids=["lora+mesa", "lora+tokentune", "lora+tokentune+mesa", "lora+wta_crs"])
+@pytest.mark.parametrize(
+    "components",
+    [
+        [("lora", {}), ("mesa", {})],
+        [("lora", {}), ("tokentune", {})],
+        [("lora", {}), ("tokentune", {}), ("mesa", {})],
+        [("lora", {}), ("wta_crs", {"skip": []})],
+    ],
+    ids=["lora+mesa", "lora+tokentune", "lora+tokentune+mesa", "lora+wta_crs"],
+)
 def test_a_stack_declares_what_trains(components):
     method = stack(*components)
     assert method.expected_trainable_params(tiny_bert(TASK), TASK) == LORA, "declared before apply, on copies"
@@ -117,8 +123,11 @@ def suite_cell(tiny_suite, methods: str, train: str):
 
 
 def test_the_worker_keeps_a_stacks_groups_and_declares_its_count(tiny_suite):
-    cell = suite_cell(tiny_suite, "  - {stack: [{method: dept, hparams: {lowrank_lr: 1.0e-4, max_length: 64}}, {method: mesa}], lr: 0.3}",
-                      "{max_steps: 2, max_seq_length: 32}")
+    cell = suite_cell(
+        tiny_suite,
+        "  - {stack: [{method: dept, hparams: {lowrank_lr: 1.0e-4, max_length: 64}}, {method: mesa}], lr: 0.3}",
+        "{max_steps: 2, max_seq_length: 32}",
+    )
     model, declared, groups, value_dependent = worker.build(cell, total_steps=2)
     assert sorted(g["lr"] for g in groups) == [1e-4, 0.3]
     assert declared == sum(p.numel() for p in trainable(model))
@@ -128,9 +137,12 @@ def test_the_worker_keeps_a_stacks_groups_and_declares_its_count(tiny_suite):
 @pytest.mark.parametrize("hparams, expected", [("{}", 3), ("{total_step: 7}", 7)], ids=["the-run's", "given"])
 def test_adalora_schedule_follows_the_cells_steps(hparams, expected, tiny_suite, data_dir, monkeypatch):
     """48 examples in batches of 16 for one epoch: 3 steps, known only from the loader."""
-    cell = suite_cell(tiny_suite, f"  - {{method: adalora, hparams: {hparams}}}",
-                      "{epochs: 1, batch_size: 16, max_train_samples: 48, max_eval_samples: 16, max_seq_length: 32, "
-                      "timing_warmup_steps: 1}")
+    cell = suite_cell(
+        tiny_suite,
+        f"  - {{method: adalora, hparams: {hparams}}}",
+        "{epochs: 1, batch_size: 16, max_train_samples: 48, max_eval_samples: 16, max_seq_length: 32, "
+        "timing_warmup_steps: 1}",
+    )
     built = []
     real_build = worker.build
     monkeypatch.setattr(worker, "build", lambda *args, **kw: built.append(real_build(*args, **kw)) or built[-1])
@@ -150,7 +162,7 @@ def test_a_method_hears_the_runs_length_through_the_stack():
     assert model.peft_config["default"].total_step == 11
 
 
-PLUGIN = '''
+PLUGIN = """
 from pathlib import Path
 from methods.full_finetune import FullFineTune
 
@@ -160,7 +172,7 @@ with open(Path(__file__).with_suffix(".log"), "a") as log:
 
 class Counted(FullFineTune):
     name = "test_counted_plugin"
-'''
+"""
 
 
 def test_a_plugin_file_is_executed_once(tmp_path, monkeypatch):

@@ -14,8 +14,18 @@ from harness import metrics as metric_registry
 from harness.errors import UserError
 
 TASK_KEYS = {
-    "description", "local", "data_files", "hub", "text_columns", "label_column", "type",
-    "num_labels", "metrics", "primary_metric", "train_split", "eval_split",
+    "description",
+    "local",
+    "data_files",
+    "hub",
+    "text_columns",
+    "label_column",
+    "type",
+    "num_labels",
+    "metrics",
+    "primary_metric",
+    "train_split",
+    "eval_split",
 }
 
 
@@ -68,32 +78,55 @@ class TaskSpec:
             raise UserError(f"{where}.type", f"'{task_type}' is not a task type", "use classification or regression")
         num_labels = raw.get("num_labels", 1 if task_type == "regression" else None)
         if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 1:
-            raise UserError(f"{where}.num_labels", "must be a positive integer", "give the number of classes, e.g. num_labels: 2")
+            raise UserError(
+                f"{where}.num_labels", "must be a positive integer", "give the number of classes, e.g. num_labels: 2"
+            )
         if task_type == "classification" and num_labels < 2:
-            raise UserError(f"{where}.num_labels", "a classification task needs at least 2 labels", "set num_labels: 2 or more, or type: regression")
+            raise UserError(
+                f"{where}.num_labels",
+                "a classification task needs at least 2 labels",
+                "set num_labels: 2 or more, or type: regression",
+            )
         if task_type == "regression" and num_labels != 1:
-            raise UserError(f"{where}.num_labels", "a regression task predicts one value", "remove num_labels or set it to 1")
+            raise UserError(
+                f"{where}.num_labels", "a regression task predicts one value", "remove num_labels or set it to 1"
+            )
         metrics = need_list("metrics")
         for m in metrics:  # a plugin metric is imported here, so a bad reference stops the suite before training
             if task_type not in metric_registry.resolve(m, f"{where}.metrics").task_types:
-                raise UserError(f"{where}.metrics", f"metric '{m}' does not fit a {task_type} task",
-                                f"use some of {metric_registry.fitting(task_type)}")
+                raise UserError(
+                    f"{where}.metrics",
+                    f"metric '{m}' does not fit a {task_type} task",
+                    f"use some of {metric_registry.fitting(task_type)}",
+                )
         if task_type == "classification" and "f1" in metrics and num_labels != 2:
-            raise UserError(f"{where}.metrics", "f1 is binary F1 and needs num_labels: 2", "use macro_f1 for more classes")
+            raise UserError(
+                f"{where}.metrics", "f1 is binary F1 and needs num_labels: 2", "use macro_f1 for more classes"
+            )
         primary = raw.get("primary_metric", metrics[0])
         if primary not in metrics:
-            raise UserError(f"{where}.primary_metric", f"'{primary}' is not among the task's metrics", f"use one of {list(metrics)}")
+            raise UserError(
+                f"{where}.primary_metric", f"'{primary}' is not among the task's metrics", f"use one of {list(metrics)}"
+            )
 
         data_files = raw.get("data_files", {}) or {}
         if not isinstance(data_files, dict) or not all(isinstance(v, str) for v in data_files.values()):
-            raise UserError(f"{where}.data_files", "must map split names to file paths", "e.g. data_files: {train: data/train.csv, validation: data/dev.csv}")
+            raise UserError(
+                f"{where}.data_files",
+                "must map split names to file paths",
+                "e.g. data_files: {train: data/train.csv, validation: data/dev.csv}",
+            )
         if base_dir is not None:  # paths in a suite are relative to the suite file
             data_files = {k: str((base_dir / v).resolve()) for k, v in data_files.items()}
         hub = raw.get("hub")
         if hub is not None:
             hub = [hub] if isinstance(hub, str) else hub
             if not isinstance(hub, list) or not 1 <= len(hub) <= 2 or not all(isinstance(h, str) for h in hub):
-                raise UserError(f"{where}.hub", "must be a dataset id or [dataset id, config name]", "e.g. hub: [nyu-mll/glue, sst2]")
+                raise UserError(
+                    f"{where}.hub",
+                    "must be a dataset id or [dataset id, config name]",
+                    "e.g. hub: [nyu-mll/glue, sst2]",
+                )
             hub = tuple(hub)
         if not (raw.get("local") or data_files or hub):
             raise UserError(where, f"task '{name}' says nowhere to read its data", "give data_files, local or hub")
@@ -103,11 +136,21 @@ class TaskSpec:
                 raise UserError(f"{where}.{key}", "must be a string", f"quote the value of {key}")
         text_columns = need_list("text_columns")
         if len(text_columns) > 2:  # a tokenizer takes a text and an optional pair; a third would be dropped
-            raise UserError(f"{where}.text_columns", f"{len(text_columns)} text columns; a task reads one text or a pair",
-                            "give one or two columns (join the others into one in the data)")
+            raise UserError(
+                f"{where}.text_columns",
+                f"{len(text_columns)} text columns; a task reads one text or a pair",
+                "give one or two columns (join the others into one in the data)",
+            )
         return cls(
-            name=name, text_columns=text_columns, metrics=metrics, primary_metric=primary,
-            type=task_type, num_labels=num_labels, data_files=data_files, hub=hub, **strings,
+            name=name,
+            text_columns=text_columns,
+            metrics=metrics,
+            primary_metric=primary,
+            type=task_type,
+            num_labels=num_labels,
+            data_files=data_files,
+            hub=hub,
+            **strings,
         )
 
 

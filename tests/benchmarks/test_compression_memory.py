@@ -58,16 +58,21 @@ def saved_bytes(model, batch) -> tuple[int, str]:
 
 @pytest.mark.parametrize("length", [128, 512])
 @pytest.mark.parametrize("attention_dropout", [0.1, 0.0])
-def test_compression_saves_less_than_full_finetuning_on_the_same_backend(benchmark, data_dir, device, length,
-                                                                          attention_dropout):
+def test_compression_saves_less_than_full_finetuning_on_the_same_backend(
+    benchmark, data_dir, device, length, attention_dropout
+):
     batch = batch_of(data_dir, device, length)
     figures = {name: saved_bytes(model_with(name, attention_dropout, device), batch) for name in METHODS}
     full_bytes, full_kernel = figures["full"]
     benchmark.extra_info.update({f"{name}_saved_bytes": b for name, (b, _) in figures.items()})
     benchmark.extra_info.update({f"{name}_attention": k for name, (_, k) in figures.items()})
-    print(f"\n{device.type} length {length}, attention dropout {attention_dropout}: full {full_bytes / 2**20:.1f} MiB "
-          f"({full_kernel}); " + "; ".join(f"{n} {b / 2**20:.1f} MiB = {b / full_bytes:.3f} ({k})"
-                                           for n, (b, k) in figures.items() if n != "full"))
+    print(
+        f"\n{device.type} length {length}, attention dropout {attention_dropout}: full {full_bytes / 2**20:.1f} MiB "
+        f"({full_kernel}); "
+        + "; ".join(
+            f"{n} {b / 2**20:.1f} MiB = {b / full_bytes:.3f} ({k})" for n, (b, k) in figures.items() if n != "full"
+        )
+    )
     for name in METHODS[1:]:
         assert figures[name][0] < full_bytes, f"{name} saves more than full fine-tuning on {full_kernel}"
     model = model_with("mesa", attention_dropout, device)

@@ -58,16 +58,39 @@ def test_harness_peak_matches_bare_loop(method, tmp_path, data_dir):
     suite = tmp_path / "cell.yaml"
     suite.write_text(CELL.replace("METHOD", method))
     out = tmp_path / "results"
-    subprocess.run([sys.executable, "-m", "harness", "run", str(suite), "--device", "cuda", "--out", str(out),
-                    "--no-report", "--data-dir", str(data_dir)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "harness",
+            "run",
+            str(suite),
+            "--device",
+            "cuda",
+            "--out",
+            str(out),
+            "--no-report",
+            "--data-dir",
+            str(data_dir),
+        ],
+        check=True,
+    )
     record = json.loads(next(out.glob("*.json")).read_text())
     assert record["status"] == "ok", record.get("error")
-    bare = subprocess.run([sys.executable, "-c", BARE_LOOP, str(suite)], check=True, capture_output=True, text=True,
-                          env={**__import__("os").environ, "HARNESS_DATA_DIR": str(data_dir)})
+    bare = subprocess.run(
+        [sys.executable, "-c", BARE_LOOP, str(suite)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "HARNESS_DATA_DIR": str(data_dir)},
+    )
     bare_peak = json.loads(bare.stdout.strip().splitlines()[-1])["bare_peak_allocated"]
     m = record["measurements"]
     ratio = m["peak_gpu_allocated_bytes"] / bare_peak
-    print(f"\n{method}: harness peak {m['peak_gpu_allocated_bytes']:,} B, bare loop {bare_peak:,} B, ratio {ratio:.4f}; "
-          f"reserved {m['peak_gpu_reserved_bytes']:,} B; NVML {m.get('nvml_peak_bytes')} B ({m.get('nvml_source')}, "
-          f"{m.get('nvml_samples')} samples); modelled {m['modelled_peak_bytes']:,} B; activations {m['activation_bytes']:,} B")
+    print(
+        f"\n{method}: harness peak {m['peak_gpu_allocated_bytes']:,} B, bare loop {bare_peak:,} B, ratio {ratio:.4f}; "
+        f"reserved {m['peak_gpu_reserved_bytes']:,} B; NVML {m.get('nvml_peak_bytes')} B ({m.get('nvml_source')}, "
+        f"{m.get('nvml_samples')} samples); modelled {m['modelled_peak_bytes']:,} B; "
+        f"activations {m['activation_bytes']:,} B"
+    )
     assert abs(ratio - 1) <= 0.01

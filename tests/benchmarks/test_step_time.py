@@ -53,9 +53,12 @@ def batches(data_dir, settings, device):
     tokenizer = backbone.load_tokenizer(None)
     frame = data.load_split(TASK, "train", data_dir).iloc[: STEPS * settings.batch_size]
     loader = torch.utils.data.DataLoader(
-        data.Encoded(TASK, frame, tokenizer, settings.max_seq_length), batch_size=settings.batch_size,
-        shuffle=True, generator=torch.Generator().manual_seed(0),
-        collate_fn=data.make_collate(tokenizer, settings.padding, settings.max_seq_length))
+        data.Encoded(TASK, frame, tokenizer, settings.max_seq_length),
+        batch_size=settings.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+        collate_fn=data.make_collate(tokenizer, settings.padding, settings.max_seq_length),
+    )
     return [{k: v.to(device) for k, v in batch.items()} for batch in loader]
 
 
@@ -109,7 +112,7 @@ def bare_loop(model, groups, batches, settings, device) -> list[float]:
 
 
 def trainer_loop(model, groups, batches, settings, device, out_dir) -> list[float]:
-    """`Trainer` as its documentation sets it up, fed the prepared batches one per step."""
+    """`Trainer` as its documentation sets it up, fed the prepared batches one per step, in order."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     class StepTimes(TrainerCallback):
@@ -126,14 +129,37 @@ def trainer_loop(model, groups, batches, settings, device, out_dir) -> list[floa
 
     timer = StepTimes()
     args = TrainingArguments(
-        output_dir=str(out_dir), max_steps=STEPS, per_device_train_batch_size=1, learning_rate=LR,
-        warmup_steps=int(settings.warmup_ratio * STEPS), lr_scheduler_type="linear", weight_decay=settings.weight_decay,
-        max_grad_norm=settings.max_grad_norm, optim="adamw_torch_fused", logging_strategy="no", save_strategy="no",
-        report_to=[], disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
-        use_cpu=device.type == "cpu", seed=0)
-    Trainer(model=model, args=args, train_dataset=batches, data_collator=lambda items: items[0],
-            callbacks=[timer]).train()
+        output_dir=str(out_dir),
+        max_steps=STEPS,
+        per_device_train_batch_size=1,
+        learning_rate=LR,
+        warmup_steps=int(settings.warmup_ratio * STEPS),
+        lr_scheduler_type="linear",
+        weight_decay=settings.weight_decay,
+        max_grad_norm=settings.max_grad_norm,
+        optim="adamw_torch_fused",
+        logging_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        use_cpu=device.type == "cpu",
+        seed=0,
+    )
+    in_order = InOrder(batches)  # not shuffled, so that step i is the same batch in every loop
+    Trainer(
+        model=model, args=args, train_dataset=in_order, data_collator=lambda items: items[0], callbacks=[timer]
+    ).train()
     return timer.times
+
+
+class InOrder(torch.utils.data.IterableDataset):
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
 
 
 def per_step(runs: list[list[float]]) -> list[float]:
@@ -162,8 +188,11 @@ def test_harness_loop_against_bare_loop_and_trainer(benchmark, name, pretrained,
         order = ("bare", "trainer") if len(runs["harness"]) % 2 == 0 else ("trainer", "bare")
         for loop in order:
             model, groups = fresh()
-            runs[loop].append(bare_loop(model, groups, batches, settings, device) if loop == "bare" else
-                              trainer_loop(model, groups, batches, settings, device, tmp_path / "trainer"))
+            runs[loop].append(
+                bare_loop(model, groups, batches, settings, device)
+                if loop == "bare"
+                else trainer_loop(model, groups, batches, settings, device, tmp_path / "trainer")
+            )
         return fresh(), {}  # pedantic's (args, kwargs) for the timed harness run
 
     def harness_run(model, groups):
@@ -172,14 +201,24 @@ def test_harness_loop_against_bare_loop_and_trainer(benchmark, name, pretrained,
     benchmark.pedantic(harness_run, setup=others_then_harness_args, rounds=ROUNDS, warmup_rounds=0)
     steps = {loop: per_step(values) for loop, values in runs.items()}
     medians = {loop: statistics.median(values) for loop, values in steps.items()}
-    ratios = {"harness_over_trainer": paired_ratio(steps["harness"], steps["trainer"]),
-              "harness_over_bare": paired_ratio(steps["harness"], steps["bare"])}
+    ratios = {
+        "harness_over_trainer": paired_ratio(steps["harness"], steps["trainer"]),
+        "harness_over_bare": paired_ratio(steps["harness"], steps["bare"]),
+    }
     benchmark.extra_info.update(
-        device=str(device), batch_size=settings.batch_size, max_seq_length=settings.max_seq_length, steps=STEPS,
-        rounds=ROUNDS, **{f"median_step_s_{loop}": value for loop, value in medians.items()}, **ratios)
-    print(f"\n{name} on {device}: median step harness {medians['harness']:.4f} s, bare {medians['bare']:.4f} s, "
-          f"Trainer {medians['trainer']:.4f} s; paired ratios harness/Trainer {ratios['harness_over_trainer']:.3f}, "
-          f"harness/bare {ratios['harness_over_bare']:.3f}")
+        device=str(device),
+        batch_size=settings.batch_size,
+        max_seq_length=settings.max_seq_length,
+        steps=STEPS,
+        rounds=ROUNDS,
+        **{f"median_step_s_{loop}": value for loop, value in medians.items()},
+        **ratios,
+    )
+    print(
+        f"\n{name} on {device}: median step harness {medians['harness']:.4f} s, bare {medians['bare']:.4f} s, "
+        f"Trainer {medians['trainer']:.4f} s; paired ratios harness/Trainer {ratios['harness_over_trainer']:.3f}, "
+        f"harness/bare {ratios['harness_over_bare']:.3f}"
+    )
 
 
 @pytest.mark.parametrize("name", sorted(registry()))
@@ -190,7 +229,7 @@ def test_train_step(benchmark, name, pretrained, batches, settings, device):
     def run(model, groups):
         meter = Meter(model, device, short.timing_warmup_steps)
         with meter.phase("train"):
-            train(model, groups, batches[:short.max_steps], short, device, meter, progress=False)
+            train(model, groups, batches[: short.max_steps], short, device, meter, progress=False)
         figures.update(meter.summary())
 
     benchmark.pedantic(run, setup=lambda: (prepared(name, pretrained, device), {}), rounds=2, warmup_rounds=0)
@@ -206,11 +245,10 @@ def test_meter_overhead(benchmark, pretrained, batches, settings, device):
             model, groups = prepared("full", pretrained, device)
             meter = Meter(model, device, short.timing_warmup_steps, enabled=label == "on")
             with meter.phase("train"):
-                train(model, groups, batches[:short.max_steps], short, device, meter, progress=False)
+                train(model, groups, batches[: short.max_steps], short, device, meter, progress=False)
             times[label].append(statistics.median(s for s, _, _ in meter.steps[WARMUP:]))
 
     benchmark.pedantic(paired_round, rounds=2, warmup_rounds=0)
-    ratio = statistics.median(times["on"]) / statistics.median(times["off"])
-    benchmark.extra_info.update(median_on_s=statistics.median(times["on"]), median_off_s=statistics.median(times["off"]),
-                                overhead_ratio=ratio)
-    print(f"\nmeter overhead: on {statistics.median(times['on']):.4f}s / off {statistics.median(times['off']):.4f}s = {ratio:.3f}")
+    on, off = statistics.median(times["on"]), statistics.median(times["off"])
+    benchmark.extra_info.update(median_on_s=on, median_off_s=off, overhead_ratio=on / off)
+    print(f"\nmeter overhead: on {on:.4f}s / off {off:.4f}s = {on / off:.3f}")
