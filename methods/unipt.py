@@ -32,7 +32,8 @@ Departures from the paper:
   divides, and up-projects to, the retrieval embedding size (1024) rather
   than the backbone's width; here m = hidden / downsample_factor and the
   up-projection returns to hidden. The interaction, its padding mask, the
-  identity and the confidence aggregation follow that file.
+  identity and the confidence aggregation follow that file, except that the
+  gate has no bias: softmax(s + b) = softmax(s), so a bias gets no gradient.
 """
 
 import torch
@@ -50,7 +51,8 @@ class UniPTNetwork(FrozenBackboneClassifier):
         self.down = nn.ModuleList(
             nn.Sequential(nn.Linear(hidden, width), nn.LayerNorm(width)) for _ in range(config.num_hidden_layers + 1)
         )
-        self.gate = nn.Linear(width, 1)
+        # No bias: one offset shared by every layer's score cancels in the softmax, and would train nothing.
+        self.gate = nn.Linear(width, 1, bias=False)
         self.proj = nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width))
         self.up = nn.Sequential(nn.ReLU(), nn.Linear(width, hidden))
         self.head = ClassifierHead(hidden, config)
@@ -112,5 +114,5 @@ class UniPT(Method):
         hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
         width = hidden // self.hparams["downsample_factor"]
         down = (layers + 1) * (hidden * width + width + 2 * width)
-        gate, proj, up = width + 1, width * width + width + 2 * width, width * hidden + hidden
+        gate, proj, up = width, width * width + width + 2 * width, width * hidden + hidden
         return down + gate + proj + up + ClassifierHead.size(hidden, task.num_labels)

@@ -279,11 +279,11 @@ def test_unipt_confidences_follow_the_papers_formula():
         confidence = model.layer_confidences(xs[-1], xs[:-1], mask)
         assert confidence.shape == (8, len(states) - 1)
         assert torch.allclose(confidence.sum(1), torch.ones(8), atol=1e-6)
-        w, b = model.gate.weight[0], model.gate.bias[0]
+        w = model.gate.weight[0]
         for row in range(8):
             n = int(mask[row].sum())
             mean = lambda x, row=row, n=n: x[row, :n].sum(0) / n  # mean over the real tokens only
-            scores = torch.stack([(mean(xs[-1]) * mean(x) * w).sum() + b for x in xs[:-1]])
+            scores = torch.stack([(mean(xs[-1]) * mean(x) * w).sum() for x in xs[:-1]])
             assert torch.allclose(confidence[row], torch.exp(scores) / torch.exp(scores).sum(), atol=1e-5)
 
 
