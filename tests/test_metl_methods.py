@@ -147,8 +147,9 @@ def test_real_token_sampling_error_is_far_below_sampling_among_all_rows():
     k_all, k_real = int(0.3 * 256), int(0.3 * 64)
     all_rows = mean_error(x, g, k_all, None)  # the former behaviour at ratio 0.3: 76 rows kept
     assert all_rows > 1.0
-    # at the former memory (76 rows) every real row fits: the gradient is exact
-    assert mean_error(x, g, k_all, real, draws=3) == 0
+    # at the former memory (76 rows) every real row fits: the gradient is exact, to the rounding of a
+    # sum taken over other rows in another order
+    assert mean_error(x, g, k_all, real, draws=3) < 1e-6
     # at equal memory (19 rows each), real-token sampling has half the error (a quarter of the variance)
     assert mean_error(x, g, k_real, real) < 0.6 * mean_error(x, g, k_real, None)
     # at ratio 0.3 of real rows it keeps a quarter of the rows for no more error than 76 rows over all
