@@ -221,10 +221,11 @@ def test_sigkill_of_the_whole_run_loses_only_the_cell_under_way(tiny_suite, tmp_
     assert not list(out.glob(".*.tmp")), "no half-written file is left behind"
 
 
-def test_second_run_on_the_same_results_is_refused(tiny_suite, tmp_path, data_dir, capsys):
+def test_second_run_on_the_same_results_is_refused(tiny_suite, tmp_path, glue_like_data, capsys):
+    """A configuration error: the cell sleeps in `apply`, before any training, so made-up data will do."""
     suite = suite_with(tiny_suite, tmp_path, "  - {method: PLUGIN, label: slow, hparams: {fault: sleep}}")
     out = tmp_path / "out"
-    proc = start(suite, out, data_dir, TEST_FAULT_SLEEP="30")
+    proc = start(suite, out, glue_like_data, TEST_FAULT_SLEEP="30")
     try:
         lock = lock_path(out)
         deadline = time.time() + 900
@@ -232,7 +233,7 @@ def test_second_run_on_the_same_results_is_refused(tiny_suite, tmp_path, data_di
             assert time.time() < deadline and proc.poll() is None
             time.sleep(0.2)
         shutil.rmtree(out)  # the lock lives outside the folder: deleting it does not let a second run in
-        assert main(["run", str(suite), "--out", str(out), "--data-dir", str(data_dir), "--no-report"]) == 2
+        assert main(["run", str(suite), "--out", str(out), "--data-dir", str(glue_like_data), "--no-report"]) == 2
         err = capsys.readouterr().err
         assert "in use by pid" in err and len(err.strip().splitlines()) == 1
     finally:

@@ -3,6 +3,8 @@ declared count is what trains, and the worker builds one Method for every cell. 
 the run's length gets it from the harness. A plugin is executed once per process."""
 
 import inspect
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -196,3 +198,15 @@ def test_a_plugin_may_not_take_a_registered_name(tmp_path):
     plugin.write_text(PLUGIN.replace("test_counted_plugin", "lora"))
     with pytest.raises(UserError, match="'lora' is taken by methods.lora"):
         resolve(str(plugin), "suite.methods[0].method")
+
+
+def test_the_harness_names_no_method():
+    """The engine knows the Method interface only: no module of harness/ imports a method or spells a
+    registered method's name; the registry finds methods by importing the `methods` package's modules."""
+    names = set(registry())
+    for path in sorted((Path(__file__).parent.parent / "harness").rglob("*.py")):
+        source = path.read_text()
+        spelled = {m.group(1) for m in re.finditer(r"""["']([A-Za-z0-9_]+)["']""", source)} & names
+        assert not spelled, f"{path.name} names methods {sorted(spelled)}"
+        imports = re.findall(r"^\s*(?:from|import) (methods\S*)", source, re.M)
+        assert imports in ([], ["methods"]) and (not imports or path.name == "method.py"), (path.name, imports)
