@@ -36,9 +36,18 @@ def describe(ref: str | None) -> str:
 
 
 def load_tokenizer(ref: str | None, trust_remote_code: bool = False):
+    """The backbone's tokenizer, with a padding token: decoders (GPT-2, Llama, ...) ship without one, and
+    batches of more than one sentence need it. Their end-of-sequence token stands in (else the unknown token);
+    the attention mask keeps it out of every sentence, and `load_model` tells the head which id it is."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve(ref), trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(resolve(ref), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        stand_in = tokenizer.eos_token or tokenizer.unk_token
+        if stand_in is None:
+            raise ValueError(f"the tokenizer of {describe(ref)} has no padding, end-of-sequence or unknown token")
+        tokenizer.pad_token = stand_in
+    return tokenizer
 
 
 def declared_pooling(ref: str | None) -> str:
@@ -111,6 +120,9 @@ def load_model(ref: str | None, task, trust_remote_code: bool = False, pooling: 
             trust_remote_code=trust_remote_code,
             dtype=torch.float32,
         )
+    if model.config.pad_token_id is None:
+        # A decoder's head reads the last token that is not padding, which it finds by this id.
+        model.config.pad_token_id = load_tokenizer(ref, trust_remote_code).pad_token_id
     if (declared_pooling(ref) if pooling == "auto" else pooling) == "mean":
         use_mean_pooling(model)
     return model

