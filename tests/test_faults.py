@@ -72,21 +72,26 @@ def record(out, label):
     return json.loads((out / f"sst2__{label}__seed0.json").read_text())
 
 
+def run_command(suite, out, data_dir) -> list[str]:
+    """`harness run` as a user types it, for a process of its own."""
+    return [
+        sys.executable,
+        "-m",
+        "harness",
+        "run",
+        str(suite),
+        "--out",
+        str(out),
+        "--data-dir",
+        str(data_dir),
+        "--no-report",
+    ]
+
+
 def start(suite, out, data_dir, **env):
     """The CLI as a user runs it, in its own process group (as a terminal's foreground job)."""
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "harness",
-            "run",
-            str(suite),
-            "--out",
-            str(out),
-            "--data-dir",
-            str(data_dir),
-            "--no-report",
-        ],
+        run_command(suite, out, data_dir),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -173,18 +178,7 @@ def test_ctrl_c_keeps_finished_cells_and_rerun_resumes(stop, tiny_suite, tmp_pat
     first_written = (out / "sst2__first__seed0.json").stat().st_mtime_ns
 
     rerun = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "harness",
-            "run",
-            str(suite),
-            "--out",
-            str(out),
-            "--data-dir",
-            str(data_dir),
-            "--no-report",
-        ],
+        run_command(suite, out, data_dir),
         capture_output=True,
         text=True,
         timeout=300,
