@@ -11,6 +11,7 @@ layout and nothing more; any other architecture gets one clear error.
 
 import torch
 
+from harness.anatomy import ROLES, alias_to_role, describe
 from harness.errors import UserError
 
 # Short names a method's hyperparameters may use -> path inside one encoder layer.
@@ -55,22 +56,42 @@ def encoder_layers(model: torch.nn.Module, method: str) -> list[torch.nn.Module]
 
 
 def linear_names(model: torch.nn.Module, targets, method: str) -> list[str]:
-    """Fully qualified module names of the `targets` (keys of LINEAR_PATHS) in every encoder layer."""
-    unknown = sorted(set(targets) - set(LINEAR_PATHS))
-    if unknown:
-        raise ValueError(f"unknown target '{unknown[0]}'; known: {sorted(LINEAR_PATHS)}")
-    layers = {id(layer) for layer in encoder_layers(model, method)}
-    prefixes = [name for name, module in model.named_modules() if id(module) in layers]
-    return [f"{prefix}.{LINEAR_PATHS[t]}" for prefix in prefixes for t in targets]
+    """Fully qualified module names of the `targets` in every block, block by block in the order given.
+
+    A target is a role of the backbone's anatomy (q, k, v, o, ffn_in, ffn_gate, ffn_out) or one of the
+    names above, which stand for roles (`query` is q, `output` is ffn_out), so the same suite finds the
+    same layers of any architecture harness.anatomy can describe. A role held in a fused projection
+    (GPT-2's c_attn computes q, k and v) cannot be targeted alone: that is refused, not widened."""
+    check_targets(targets)
+    try:
+        blocks = describe(model).blocks
+    except ValueError as exc:
+        raise UserError(f"method '{method}'", f"cannot find the layers of {type(model).__name__}: {exc}") from None
+    names = []
+    for block in blocks:
+        for target in targets:
+            projection = block.projection(target)
+            if projection is None:
+                problem = f"block {block.index} ({block.path}) has no {alias_to_role(target)} projection"
+            elif projection.fused is not None:
+                problem = f"{projection.path} computes {', '.join(projection.fused.roles)} in one layer"
+            else:
+                names.append(projection.path)
+                continue
+            raise UserError(f"method '{method}'", f"cannot target '{target}' in {type(model).__name__}: {problem}")
+    return names
+
+
+TARGETS = (*ROLES, *LINEAR_PATHS)
 
 
 def check_targets(targets) -> None:
-    """For check_hparams: a non-empty list of known target names."""
+    """For check_hparams: a non-empty list of roles, or of the short names that stand for them."""
     if not targets:
         raise ValueError("target_modules must name at least one module")
-    unknown = sorted(set(targets) - set(LINEAR_PATHS))
+    unknown = sorted(set(targets) - set(TARGETS))
     if unknown:
-        raise ValueError(f"unknown target_modules entry '{unknown[0]}'; known: {sorted(LINEAR_PATHS)}")
+        raise ValueError(f"unknown target_modules entry '{unknown[0]}'; known: {', '.join(TARGETS)}")
 
 
 def layer_norms(model: torch.nn.Module) -> dict[str, torch.nn.LayerNorm]:

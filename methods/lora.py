@@ -3,10 +3,14 @@
 Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022.
 Defaults follow the paper's GLUE setting for RoBERTa-base: rank 8 on the
 query and value projections, alpha 16 (scale alpha/r = 2), dropout 0.1.
-The task head is trained in full, as in the paper.
+The task head is trained in full, as in the paper. `target_modules` names
+roles of the backbone's anatomy (`query` and `value` stand for q and v), so
+the same entry adapts q_proj and v_proj on a Llama.
 """
 
-from methods._peft import PeftMethod, head_names
+from harness.anatomy import in_out_features
+from methods._bert import check_targets, linear_names
+from methods._peft import PeftMethod, head_names, modules
 
 
 class LoRA(PeftMethod):
@@ -21,6 +25,7 @@ class LoRA(PeftMethod):
     def check_hparams(self):
         if self.hparams["r"] < 1:
             raise ValueError("r must be at least 1")
+        check_targets(self.hparams["target_modules"])
 
     def peft_config(self, model, task):
         from peft import LoraConfig, TaskType
@@ -30,14 +35,10 @@ class LoRA(PeftMethod):
             r=self.hparams["r"],
             lora_alpha=self.hparams["alpha"],
             lora_dropout=self.hparams["dropout"],
-            target_modules=list(self.hparams["target_modules"]),
+            target_modules=linear_names(model, self.hparams["target_modules"], self.name),
             modules_to_save=head_names(model),
         )
 
     def adapter_params(self, model, task):
-        targets = tuple(self.hparams["target_modules"])
-        return sum(
-            self.hparams["r"] * (m.in_features + m.out_features)
-            for name, m in model.named_modules()
-            if name.split(".")[-1] in targets and hasattr(m, "in_features")
-        )
+        names = linear_names(model, self.hparams["target_modules"], self.name)
+        return sum(self.hparams["r"] * sum(in_out_features(m)) for m in modules(model, names))

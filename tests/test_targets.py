@@ -1,0 +1,53 @@
+"""Methods that adapt chosen projections (LoRA, DoRA, VeRA, AdaLoRA, (IA)^3) find them by role on any backbone
+harness.anatomy describes: their default targets (`query`, `value`, ... stand for q, v, ...) land on the same
+roles of a RoBERTa, a DeBERTa, a DistilBERT or a Llama with grouped-query attention, each declares the count it
+trains, and a step trains. A role inside a fused projection is refused with a reason, not widened."""
+
+import pytest
+import torch
+
+from harness.errors import UserError
+from harness.method import count, registry
+from tests.conftest import toy_task
+from tests.test_anatomy import ALL
+
+METHODS = ["lora", "dora", "vera", "adalora", "ia3"]
+FAMILIES = ["bert", "roberta", "deberta-v2", "distilbert", "llama", "mistral"]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def batch(n=4, length=10):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 100, (n, length), generator=g)
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[: n // 2, -3:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1] * (n // 2))}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", METHODS)
+def test_targets_are_found_by_role_and_train(name, family):
+    task = toy_task()
+    torch.manual_seed(0)
+    model = ALL[family]()
+    model.config.pad_token_id = 0  # the harness's loader sets it for decoders (backbone.load_model)
+    method = registry()[name](**({"total_step": 10} if name == "adalora" else {}))
+    expected = method.expected_trainable_params(model, task)
+    model = method.apply(model, task)
+    trained = count(p for p in model.parameters() if p.requires_grad)
+    assert trained == expected, (name, family)
+    adapted = {n for n, _ in model.named_modules() if n.endswith(("lora_A", "vera_lambda_d", "ia3_l"))}
+    assert adapted, "the method adapted some projection"
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    loss = model(**batch()).loss
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "phi3"])
+def test_a_role_inside_a_fused_projection_is_refused_with_its_reason(family):
+    model = ALL[family]()
+    with pytest.raises(UserError, match="in one layer"):
+        registry()["lora"]().apply(model, toy_task())
