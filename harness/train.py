@@ -52,13 +52,17 @@ def make_optimizer(param_groups, weight_decay: float) -> torch.optim.AdamW:
         return torch.optim.AdamW(param_groups, weight_decay=weight_decay)
 
 
+def linear_schedule(steps: int, warmup_ratio: float):
+    """The lr factor of step s: linear warm-up over the first warmup_ratio of the steps, then linear decay to 0."""
+    warmup = int(warmup_ratio * steps)
+    return lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup))
+
+
 def train(model, param_groups, loader, settings: TrainSettings, device, meter: Meter, progress=True) -> list[float]:
     """Train for the configured steps; returns the loss of every step."""
     optimizer = make_optimizer(param_groups, settings.weight_decay)
     steps = total_steps(settings, len(loader))
-    warmup = int(settings.warmup_ratio * steps)
-    schedule = lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(steps, settings.warmup_ratio))
     scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
     trainable = [p for g in param_groups for p in g["params"]]
     losses: list[float] = []

@@ -86,8 +86,9 @@ def toy_task(num_labels: int = 2) -> TaskSpec:
     )
 
 
-def tiny_bert(task: TaskSpec, seed: int = 0):
-    """A 2-layer random BERT with a classification head: fast, and shaped like the real backbone."""
+def tiny_bert(task: TaskSpec, seed: int = 0, **config_overrides):
+    """A 2-layer random BERT with a classification head: fast, and shaped like the real backbone.
+    `config_overrides` are BertConfig fields (a longer max_position_embeddings, another dropout)."""
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
@@ -101,6 +102,7 @@ def tiny_bert(task: TaskSpec, seed: int = 0):
         num_labels=task.num_labels,
         problem_type="regression" if task.is_regression else "single_label_classification",
     )
+    config.update(config_overrides)
     return BertForSequenceClassification(config)
 
 

@@ -102,20 +102,7 @@ def test_compression_keeps_forward_exact_and_gradients_close(cls):
 def bert_with_attention_dropout(p: float, length: int):
     """tiny_bert with the given attention dropout: p > 0 sends SDPA on CPU to math attention (which saves
     the length x length probabilities and dropout mask), p == 0 to its fused flash kernel (which saves none)."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=96,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=length,
-        attention_probs_dropout_prob=p,
-        num_labels=2,
-    )
-    return BertForSequenceClassification(config)
+    return tiny_bert(TASK, max_position_embeddings=length, attention_probs_dropout_prob=p)
 
 
 def sdpa_kernels(model, batch) -> set[str]:

@@ -8,7 +8,7 @@ import torch
 
 from harness.errors import UserError
 from harness.method import count, registry
-from tests.conftest import toy_task
+from tests.conftest import toy_batch, toy_task
 from tests.test_anatomy import ALL
 
 METHODS = ["lora", "dora", "vera", "adalora", "ia3"]
@@ -16,12 +16,9 @@ FAMILIES = ["bert", "roberta", "deberta-v2", "distilbert", "llama", "mistral"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def batch(n=4, length=10):
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, 100, (n, length), generator=g)
-    mask = torch.ones(n, length, dtype=torch.long)
-    mask[: n // 2, -3:] = 0
-    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1] * (n // 2))}
+def batch():
+    """toy_batch without token_type_ids, which decoders do not take."""
+    return {k: v for k, v in toy_batch(toy_task(), n=4, length=10).items() if k != "token_type_ids"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -29,7 +29,7 @@ from harness.config import TrainSettings
 from harness.meter import Meter
 from harness.method import Stack, registry
 from harness.tasks import BUILTIN_TASKS
-from harness.train import make_optimizer, train
+from harness.train import linear_schedule, make_optimizer, train
 
 TASK = BUILTIN_TASKS["sst2"]
 STEPS, WARMUP, ROUNDS = 30, 3, 3
@@ -80,11 +80,6 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def schedule(settings: TrainSettings):
-    warmup = int(settings.warmup_ratio * STEPS)
-    return lambda s: (s + 1) / warmup if s < warmup else max(0.0, (STEPS - s) / max(1, STEPS - warmup))
-
-
 def harness_loop(model, groups, batches, settings, device) -> list[float]:
     meter = Meter(model, device, settings.timing_warmup_steps)
     with meter.phase("train"):
@@ -94,7 +89,7 @@ def harness_loop(model, groups, batches, settings, device) -> list[float]:
 
 def bare_loop(model, groups, batches, settings, device) -> list[float]:
     optimizer = make_optimizer(groups, settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(settings))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(STEPS, settings.warmup_ratio))
     trainable = [p for g in groups for p in g["params"]]
     model.train()
     times = []
