@@ -303,9 +303,19 @@ class Anatomy:
         return [b.projections[role] for b in self.blocks if role in b.projections]
 
     def norms(self) -> list[Norm]:
-        """Every norm of the backbone: the embeddings', each block's, the final one."""
-        found = list(self.embeddings.norms) + [n for b in self.blocks for n in b.norms]
-        return found + ([self.final_norm] if self.final_norm is not None else [])
+        """Every norm of the backbone (the base model, not the head), in registration order: the embeddings',
+        each block's, the final one, and any other (DeBERTa-v3's norm of its relative position embeddings)."""
+        return _norms(self.base.module, self.base.path)
+
+    def bias_count(self) -> int:
+        """Bias elements of the backbone: of its linear-like layers (Conv1D too), convolutions (ViT's patch
+        embedding) and norms. Zero for bias-free models (Llama, Mistral)."""
+        return sum(
+            m.bias.numel()
+            for m in self.base.module.modules()
+            if isinstance(getattr(m, "bias", None), nn.Parameter)
+            and (is_linear(m) or isinstance(m, nn.modules.conv._ConvNd) or norm_kind(m) is not None)
+        )
 
     def summary(self) -> str:
         b = self.blocks[0]

@@ -105,21 +105,45 @@ def load_model(ref: str | None, task, trust_remote_code: bool = False, pooling: 
     backbone's folder declares (see declared_pooling).
     """
     from transformers import AutoModelForSequenceClassification
+
+    with _quiet():
+        # fp32 master weights whatever the checkpoint's dtype: lower precision is a training setting (autocast).
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolve(ref), trust_remote_code=trust_remote_code, dtype=torch.float32, **_head_settings(task)
+        )
+    return _prepare(model, ref, trust_remote_code, pooling)
+
+
+def skeleton(ref: str | None, task, trust_remote_code: bool = False, pooling: str = "auto"):
+    """The model `load_model` gives, built from the backbone's config on the meta device: every module and
+    shape, no weights read and no memory taken. What harness.anatomy describes to decide, before any
+    training, which methods the backbone supports."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    with _quiet():
+        config = AutoConfig.from_pretrained(resolve(ref), trust_remote_code=trust_remote_code, **_head_settings(task))
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+    return _prepare(model, ref, trust_remote_code, pooling)
+
+
+def _head_settings(task) -> dict:
+    problem = "regression" if task.is_regression else "single_label_classification"
+    return {"num_labels": task.num_labels, "problem_type": problem}
+
+
+@contextlib.contextmanager
+def _quiet():
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the "newly initialized head" report is expected, not news
     hf_logging.disable_progress_bar()
-    problem = "regression" if task.is_regression else "single_label_classification"
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        # fp32 master weights whatever the checkpoint's dtype: lower precision is a training setting (autocast).
-        model = AutoModelForSequenceClassification.from_pretrained(
-            resolve(ref),
-            num_labels=task.num_labels,
-            problem_type=problem,
-            trust_remote_code=trust_remote_code,
-            dtype=torch.float32,
-        )
+        yield
+
+
+def _prepare(model, ref, trust_remote_code: bool, pooling: str):
     if model.config.pad_token_id is None:
         # A decoder's head reads the last token that is not padding, which it finds by this id.
         model.config.pad_token_id = load_tokenizer(ref, trust_remote_code).pad_token_id

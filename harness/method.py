@@ -16,6 +16,13 @@ The contract, checked for every registered method by tests/test_contract.py:
   it is applied (alone, every weight; after an adapter method, that method's).
 - `activations_depend_on_values` is True if two batches of the same shape can
   make the method save different bytes for backward.
+- `unsupported(anatomy)` says, from the backbone's anatomy alone (harness.anatomy:
+  its blocks, roles, norms, causality, head) and before any model is trained, why
+  the method cannot run on that backbone, or None. What a method needs (biases to
+  tune, separate q/k/v projections, a bidirectional encoder, special tokens, ...)
+  it checks here, so `validate` lists every unsupported (method, backbone) pair
+  and `run` records such a cell as `unsupported` without starting a worker. A
+  crash inside a cell because of the architecture is a bug, never a refusal.
 - `set_run(run)`, called by the worker before `apply`, tells the method what the
   harness knows of the run (`Run`: its number of optimizer steps). A method whose
   schedule follows the run's length reads `self.run`; it is None when the method
@@ -96,6 +103,11 @@ class Method:
     def check_hparams(self) -> None:
         """Raise ValueError for a value out of range; called once at construction."""
 
+    def unsupported(self, anatomy) -> str | None:
+        """Why this method (with its hyperparameters) cannot run on a backbone of this `harness.anatomy.Anatomy`,
+        in one line that names what is missing; None when it can. Decided from the anatomy alone, before training."""
+        return None
+
     def apply(self, model: torch.nn.Module, task) -> torch.nn.Module:
         raise NotImplementedError
 
@@ -144,6 +156,15 @@ class Stack(Method):
         self.hparams = {}
         self.activations_depend_on_values = any(c.activations_depend_on_values for c in self.components)
         self._applied: list[tuple[Method, torch.nn.Module, set[int]]] | None = None
+
+    def unsupported(self, anatomy) -> str | None:
+        """The first component's reason (in a stack of several, prefixed with its name): a stack runs only where
+        all its methods do."""
+        for component in self.components:
+            reason = component.unsupported(anatomy)
+            if reason is not None:
+                return f"{component.name}: {reason}" if len(self.components) > 1 else reason
+        return None
 
     def set_run(self, run: Run) -> None:
         super().set_run(run)

@@ -23,7 +23,7 @@ import pandas as pd
 from harness.errors import UserError
 
 SCHEMA_VERSION = 1
-STATUSES = ("ok", "failed", "oom", "diverged", "timeout", "interrupted")
+STATUSES = ("ok", "failed", "oom", "diverged", "timeout", "interrupted", "unsupported")
 RECORD_GLOB = "*.json"
 
 # Columns later work and users' scripts rely on; keep the names.

@@ -16,14 +16,15 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from harness import backbone, code_version, data, results, worker
+from harness import anatomy, backbone, code_version, data, results, worker
 from harness.config import Cell, Suite
 from harness.errors import UserError
 from harness.formatting import format_bytes
 
 # Outcomes of the configuration itself; others (failed, timeout, interrupted) come
-# from circumstances, and a rerun tries them again.
-FINAL_STATUSES = ("ok", "oom", "diverged")
+# from circumstances, and a rerun tries them again. An unsupported cell is rerun when
+# its code changes (is_done), since that is how a method learns a new architecture.
+FINAL_STATUSES = ("ok", "oom", "diverged", "unsupported")
 
 
 def preflight(suite: Suite, data_dir: Path | None) -> None:
@@ -39,6 +40,26 @@ def preflight(suite: Suite, data_dir: Path | None) -> None:
             f"cannot load '{suite.backbone}': {type(exc).__name__}",
             "give a local model folder, or a hub id with network access",
         ) from None
+
+
+def unsupported_cells(suite: Suite, cells: list[Cell]) -> dict[str, str]:
+    """cell key -> why its methods cannot run on the suite's backbone, decided from the backbone's anatomy
+    (its config built on the meta device: no weights read) before any training. A backbone whose layout
+    harness.anatomy cannot describe refuses nothing here: methods that need the layout say so in their cell."""
+    anatomies, reasons = {}, {}
+    for cell in cells:
+        kind = (cell.task.type, cell.task.num_labels)
+        if kind not in anatomies:
+            model = backbone.skeleton(suite.backbone, cell.task, suite.trust_remote_code, suite.pooling)
+            try:
+                anatomies[kind] = anatomy.describe(model)
+            except ValueError:
+                anatomies[kind] = None
+        if anatomies[kind] is not None:
+            reason = worker.unsupported(cell, anatomies[kind])
+            if reason is not None:
+                reasons[cell.key] = reason
+    return reasons
 
 
 def lock_path(out_dir: Path) -> Path:
@@ -195,6 +216,7 @@ def run_suite(
 ) -> list[dict]:
     preflight(suite, data_dir)
     cells = suite.cells(max_train_samples)
+    unsupported = unsupported_cells(suite, cells)
     previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     records = []
     try:
@@ -209,6 +231,9 @@ def run_suite(
                 if done and not fresh:
                     record = results.read_record(path)
                     log(f"{head}: already done ({record['status']}), skipped")
+                elif cell.key in unsupported:  # known before training: no worker is started
+                    record = _write_outcome(cell, path, known, "unsupported", unsupported[cell.key], time.time())
+                    log(f"{head}: {summarize(record)}")
                 else:
                     log(f"{head} ...")
                     record = run_cell_process(cell, path, data_dir, device, known)

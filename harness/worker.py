@@ -40,6 +40,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def stack_of(cell: Cell) -> Stack:
+    """The cell's method: a Stack of its entry's components, however many."""
+    return Stack([resolve(c.ref, f"cell {cell.entry.label}")(**c.hparams) for c in cell.entry.components])
+
+
+def unsupported(cell: Cell, anatomy) -> str | None:
+    """Why the cell's methods cannot run on its backbone, from the backbone's anatomy (Method.unsupported)."""
+    return stack_of(cell).unsupported(anatomy)
+
+
 def build(cell: Cell, total_steps: int | None = None):
     """Backbone with head and the entry's method applied (a Stack of its components, however many);
     (model, declared trainable count, optimizer groups, whether the saved bytes can follow the values
@@ -47,7 +57,7 @@ def build(cell: Cell, total_steps: int | None = None):
     model = backbone.load_model(cell.backbone, cell.task, cell.trust_remote_code, cell.pooling)
     if cell.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    method = Stack([resolve(c.ref, f"cell {cell.entry.label}")(**c.hparams) for c in cell.entry.components])
+    method = stack_of(cell)
     if total_steps is not None:
         method.set_run(Run(total_steps=total_steps))
     model, declared = method.attach(model, cell.task)

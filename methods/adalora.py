@@ -32,6 +32,13 @@ from a post-step hook on the optimizer that trains its parameters.
 
 Departures from the paper: mask interval deltaT = 1 (the authors' RTE
 script; their SST-2 script uses 100 over a much longer run).
+
+Targets are roles of the backbone's anatomy (methods/_targets.py): BERT's
+short names stand for them, so they land on the same projections of any
+backbone; a fused layer (GPT-2's c_attn computes q, k and v) is adapted
+whole, a departure the paper, written for unfused layers, did not meet. The
+default six names cover every weight matrix of a BERT-style layer; a gated FFN
+(Llama's gate_proj) has a seventh, left out unless `ffn_gate` is added.
 """
 
 import warnings
@@ -39,8 +46,9 @@ import weakref
 
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from methods._bert import LINEAR_PATHS, check_targets, linear_names
+from harness.anatomy import in_out_features
 from methods._peft import PeftMethod, head_names, modules
+from methods._targets import SHORT_NAMES, check_targets, linear_names
 
 FALLBACK_STEPS = 1000  # the schedule's length when neither total_step nor a harness run gives one
 
@@ -64,7 +72,7 @@ class AdaLoRA(PeftMethod):
         "tinit": 0.15,
         "tfinal": 0.45,
         "delta_t": 1,
-        "target_modules": list(LINEAR_PATHS),
+        "target_modules": list(SHORT_NAMES),
     }
 
     def check_hparams(self):
@@ -123,7 +131,7 @@ class AdaLoRA(PeftMethod):
     def adapter_params(self, model, task):
         names = linear_names(model, self.hparams["target_modules"], self.name)
         r = self.hparams["init_r"]
-        return sum(r * (m.in_features + m.out_features) + r for m in modules(model, names))
+        return sum(r * sum(in_out_features(m)) + r for m in modules(model, names))
 
 
 def _allocate_after_each_step(peft_model) -> None:

@@ -2,14 +2,20 @@
 
 Ben Zaken, Ravfogel & Goldberg, "BitFit: Simple Parameter-efficient
 Fine-tuning for Transformer-based Masked Language-models", ACL 2022.
-All biases are trained (attention q/k/v/output, both feed-forward layers and
-every LayerNorm), as in the paper's main setting; the paper's sub-variant that
-trains only the query and second-MLP biases is not offered.
+All biases of the backbone are trained (attention q/k/v/output, both
+feed-forward layers, every norm; GPT-2's Conv1D layers and ViT's patch
+convolution included), as in the paper's main setting; the paper's
+sub-variant that trains only the query and second-MLP biases is not offered.
+
+Departures from the paper: it considered BERT encoders, where every layer has
+biases. Decoders differ: Qwen2 keeps biases on q, k and v only, so BitFit
+trains just those there; Llama and Mistral have none at all (bias-free
+projections, RMSNorm), where BitFit would silently become a linear probe, so
+the method refuses them.
 """
 
-import torch
-
-from harness.method import Method, freeze_all, head_parameters
+from harness.anatomy import describe
+from harness.method import Method, count, freeze_all, head_parameters
 
 
 class BitFit(Method):
@@ -20,23 +26,20 @@ class BitFit(Method):
     trains = "all biases + head"
     default_lr = 1e-3
 
+    def unsupported(self, anatomy):
+        if anatomy.bias_count() == 0:
+            return f"{anatomy.family} has no bias terms (bias-free projections and norms): only the head would train"
+        return None
+
     def apply(self, model, task):
         freeze_all(model)
+        prefix = model.base_model_prefix + "."
         for name, p in model.named_parameters():
-            if name.endswith(".bias"):
+            if name.startswith(prefix) and name.endswith(".bias"):
                 p.requires_grad_(True)
         for p in head_parameters(model).values():
             p.requires_grad_(True)
         return model
 
     def expected_trainable_params(self, model, task):
-        head = head_parameters(model)
-        head_ids = {id(p) for p in head.values()}
-        biases = sum(
-            m.bias.numel()
-            for m in model.modules()
-            if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm))
-            and m.bias is not None
-            and id(m.bias) not in head_ids
-        )
-        return biases + sum(p.numel() for p in head.values())
+        return describe(model).bias_count() + count(head_parameters(model).values())

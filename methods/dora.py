@@ -20,10 +20,16 @@ same rank as LoRA here). The paper's targets (Q, K, V, Up, Down of LLaMA) map
 to query, key, value, intermediate.dense and output.dense; its learning rate
 for LLaMA-7B is 2e-4, used here unchanged. The paper evaluates on LLMs, not
 on GLUE.
+
+Targets are roles of the backbone's anatomy (methods/_targets.py): BERT's
+short names stand for them, so they land on the same projections of any
+backbone; a fused layer (GPT-2's c_attn computes q, k and v) is adapted
+whole, a departure the paper, written for unfused layers, did not meet.
 """
 
-from methods._bert import check_targets, linear_names
+from harness.anatomy import in_out_features
 from methods._peft import PeftMethod, head_names, modules
+from methods._targets import check_targets, linear_names
 
 
 class DoRA(PeftMethod):
@@ -60,4 +66,4 @@ class DoRA(PeftMethod):
 
     def adapter_params(self, model, task):
         names = linear_names(model, self.hparams["target_modules"], self.name)
-        return sum(self.hparams["r"] * (m.in_features + m.out_features) + m.out_features for m in modules(model, names))
+        return sum(self.hparams["r"] * (i + o) + o for i, o in map(in_out_features, modules(model, names)))

@@ -16,10 +16,17 @@ cross-entropy (or MSE for regression). The paper's learning rate 3e-3 was
 used with Adafactor; here it is used with the harness's AdamW. peft's own
 BERT default would also rescale the attention output projection (its suffix
 "output.dense" matches both); this file targets exactly the paper's three.
+
+Targets are roles of the backbone's anatomy (methods/_targets.py): BERT's
+short names stand for them, so they land on the same projections of any
+backbone. On GPT-2, whose c_attn computes q, k and v in one layer, the
+vector rescales all of c_attn's output (queries too), since peft wraps
+whole layers: a departure the paper, on T0's unfused layers, did not meet.
 """
 
-from methods._bert import check_targets, linear_names
+from harness.anatomy import in_out_features
 from methods._peft import PeftMethod, head_names, modules
+from methods._targets import check_targets, linear_names
 
 
 class IA3(PeftMethod):
@@ -59,4 +66,4 @@ class IA3(PeftMethod):
     def adapter_params(self, model, task):
         names, ff = self._targets(model)
         # a feed-forward target rescales its input features, any other target its output features
-        return sum(m.in_features if n in ff else m.out_features for n, m in zip(names, modules(model, names)))
+        return sum(in_out_features(m)[0 if n in ff else 1] for n, m in zip(names, modules(model, names)))

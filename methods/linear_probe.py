@@ -1,9 +1,15 @@
 """Linear probe: the backbone is frozen and only the task head is trained.
 
 The lower end for memory and, usually, for accuracy. The head is the model's
-classifier on the pooled [CLS] state; the backbone's pooler stays frozen.
+own task head, trained in full, wherever it reads (BERT's classifier on the
+pooled [CLS] state, with the backbone's pooler frozen; RoBERTa's and
+DistilBERT's two-layer heads on the first token; a decoder's bias-free score
+layer on the last real token; ViT's classifier on [CLS]).
 """
 
+import torch
+
+from harness.anatomy import describe, in_out_features
 from harness.method import Method, freeze_all, head_parameters
 
 
@@ -22,5 +28,14 @@ class LinearProbe(Method):
         return model
 
     def expected_trainable_params(self, model, task):
-        hidden = model.config.hidden_size
-        return hidden * task.num_labels + task.num_labels
+        """Worked out from the head's layers' shapes: weight and bias of each linear layer outside the backbone
+        (a norm inside a head, if any, counted by its parameters)."""
+        total = 0
+        for located in describe(model).head.modules:
+            for module in located.module.modules():
+                if isinstance(module, torch.nn.Linear):
+                    fan_in, fan_out = in_out_features(module)
+                    total += fan_in * fan_out + (fan_out if module.bias is not None else 0)
+                elif not any(True for _ in module.children()):
+                    total += sum(p.numel() for p in module.parameters(recurse=False))
+        return total

@@ -2,7 +2,7 @@
 
 Zhao, Wang, Chen, Fan, Li & Zhang, "Tuning LayerNorm in Attention: Towards
 Efficient Multi-Modal LLM Finetuning", ICLR 2024.
-Trainable: a copy of every LayerNorm of the backbone (peft's LN tuning keeps
+Trainable: a copy of every norm (LayerNorm or RMSNorm) of the backbone (peft's LN tuning keeps
 the pretrained LayerNorm frozen and trains a copy that replaces it in the
 forward pass, so gain and bias of each LayerNorm), plus the task head.
 Not back-propagated through: nothing is skipped; gradients flow through the
@@ -11,14 +11,16 @@ whole frozen network to reach the LayerNorms.
 Departures from the paper: the paper tunes the LayerNorms of a multi-modal
 LLM's attention blocks (and its vision-language connector); on a BERT encoder
 the counterparts are the LayerNorms after each attention and FFN sublayer, and
-the embedding LayerNorm, all of which are tuned here. The paper's learning
+the embedding LayerNorm, all of which are tuned here; on pre-norm decoders
+and ViTs, every block's two norms and the final one. RMSNorm (Llama, Mistral)
+has a gain and no bias, so there only gains train. The paper's learning
 rates are for 7B-13B LLMs; 1e-3 is a choice for this small encoder, the same
 as BitFit's, which also trains only vectors.
 """
 
 import warnings
 
-from methods._bert import layer_norms
+from harness.anatomy import describe
 from methods._peft import PeftMethod, head_names
 
 
@@ -34,7 +36,9 @@ class LayerNormTuning(PeftMethod):
         from peft import LNTuningConfig, TaskType
 
         return LNTuningConfig(
-            task_type=TaskType.SEQ_CLS, target_modules=sorted(layer_norms(model)), modules_to_save=head_names(model)
+            task_type=TaskType.SEQ_CLS,
+            target_modules=sorted(n.path for n in describe(model).norms()),
+            modules_to_save=head_names(model),
         )
 
     def apply(self, model, task):
@@ -43,4 +47,4 @@ class LayerNormTuning(PeftMethod):
             return super().apply(model, task)
 
     def adapter_params(self, model, task):
-        return sum(p.numel() for ln in layer_norms(model).values() for p in ln.parameters())
+        return sum(p.numel() for norm in describe(model).norms() for p in norm.module.parameters())

@@ -5,12 +5,16 @@ Defaults follow the paper's GLUE setting for RoBERTa-base: rank 8 on the
 query and value projections, alpha 16 (scale alpha/r = 2), dropout 0.1.
 The task head is trained in full, as in the paper. `target_modules` names
 roles of the backbone's anatomy (`query` and `value` stand for q and v), so
-the same entry adapts q_proj and v_proj on a Llama.
+the same entry adapts q_proj and v_proj on a Llama. Departure on fused
+projections: GPT-2's c_attn computes q, k and v in one layer, and peft wraps
+whole layers, so there the whole c_attn is adapted (its update reaches k too;
+methods/_targets.py). The paper's own GPT-2 code adapted only the q and v
+slices of c_attn.
 """
 
 from harness.anatomy import in_out_features
-from methods._bert import check_targets, linear_names
 from methods._peft import PeftMethod, head_names, modules
+from methods._targets import check_targets, linear_names
 
 
 class LoRA(PeftMethod):

@@ -14,10 +14,16 @@ whole frozen network to reach the vectors.
 Departures from the paper: the paper trains the head with its own learning
 rate; the harness uses one rate for both (default 4e-3, of the order of the
 rates the paper lists for RoBERTa-base on GLUE).
+
+Targets are roles of the backbone's anatomy (methods/_targets.py): BERT's
+short names stand for them, so they land on the same projections of any
+backbone; a fused layer (GPT-2's c_attn computes q, k and v) is adapted
+whole, a departure the paper, written for unfused layers, did not meet.
 """
 
-from methods._bert import check_targets, linear_names
+from harness.anatomy import in_out_features
 from methods._peft import PeftMethod, head_names, modules
+from methods._targets import check_targets, linear_names
 
 
 class VeRA(PeftMethod):
@@ -49,4 +55,4 @@ class VeRA(PeftMethod):
 
     def adapter_params(self, model, task):
         names = linear_names(model, self.hparams["target_modules"], self.name)
-        return sum(self.hparams["r"] + m.out_features for m in modules(model, names))
+        return sum(self.hparams["r"] + in_out_features(m)[1] for m in modules(model, names))

@@ -33,11 +33,16 @@ sampled layers get WTA-CRS weight gradients; stacked, it samples whichever
 targeted Linear layers are trainable when it is applied, so it must come after
 the method that sets what is trainable. Everything is back-propagated through.
 
-Which layers: every trainable nn.Linear that sees token-level (3-D) inputs,
-except those named in `skip` (default q/k/v, as the authors' released GLUE
-configurations sample the attention output and both feed-forward layers but
-not the query/key/value projections). 2-D inputs (pooler, classifier) stay exact.
-After LoRA, whose trainable Linears sit under `query`/`value`, set `skip: []`.
+Which layers: every trainable linear layer of the backbone (nn.Linear, or
+GPT-2's Conv1D, whose weight is stored transposed) that sees token-level (3-D)
+inputs, except the projections of the roles named in `skip` and any layer
+inside them (default q/k/v, as the authors' released GLUE configurations
+sample the attention output and both feed-forward layers but not the
+query/key/value projections). Roles are found through harness.anatomy, so the
+same `skip` means the same layers on any backbone; a fused layer (GPT-2's
+c_attn) is skipped when any role it computes is. 2-D inputs (pooler,
+classifier) stay exact. After LoRA, whose trainable layers sit inside the q
+and v projections, set `skip: []`.
 
 What the authors' code does (github.com/zirui-ray-liu/WTACRS,
 seq2seq/approxlinear/{functional,scheme,trainer,config}.py and the GLUE
@@ -77,7 +82,9 @@ configs under seq2seq/configs/approx_linear/), and where this one departs:
 import torch
 import torch.nn.functional as F
 
+from harness.anatomy import describe
 from harness.method import Method, count_trainable, head_parameters
+from methods._targets import check_targets
 
 
 def sample_rows(x2d: torch.Tensor, k: int, valid: torch.Tensor | None = None):
@@ -143,9 +150,10 @@ class SampledLinear(torch.autograd.Function):
 
 
 def _sampled_forward(self, x):
+    weight = self.weight.t() if self.wta_crs_transposed else self.weight  # Conv1D keeps (in, out)
     if torch.is_grad_enabled() and self.weight.requires_grad and x.dim() == 3:
-        return SampledLinear.apply(x, self.weight, self.bias, self.wta_crs_ratio, self.wta_crs_valid)
-    return F.linear(x, self.weight, self.bias)
+        return SampledLinear.apply(x, weight, self.bias, self.wta_crs_ratio, self.wta_crs_valid)
+    return F.linear(x, weight, self.bias)
 
 
 def _remember_real_tokens(model, args, kwargs):
@@ -156,6 +164,16 @@ def _remember_real_tokens(model, args, kwargs):
     for module in model.modules():
         if hasattr(module, "wta_crs_ratio"):
             module.wta_crs_valid = valid
+
+
+def _plain_forwards():
+    """nn.Linear's and Conv1D's own forward: a layer with any other (a subclass's) is left alone."""
+    from transformers.pytorch_utils import Conv1D
+
+    return (torch.nn.Linear.forward, Conv1D.forward)
+
+
+_PLAIN_FORWARDS = _plain_forwards()
 
 
 class WTACRS(Method):
@@ -176,6 +194,8 @@ class WTACRS(Method):
     def check_hparams(self):
         if not 0 < self.hparams["ratio"] <= 1:
             raise ValueError(f"ratio must be in (0, 1], got {self.hparams['ratio']}")
+        if self.hparams["skip"]:
+            check_targets(self.hparams["skip"])
 
     @staticmethod
     def backbone(model):
@@ -185,26 +205,30 @@ class WTACRS(Method):
         return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), model)
 
     def targets(self, model):
-        """Trainable Linear layers of the backbone (not the task head), minus those named in `skip`."""
+        """Trainable linear layers (plain nn.Linear or Conv1D, not a wrapper) of the backbone, not of its task
+        head, outside the projections of the roles in `skip`."""
         backbone = self.backbone(model)
         head = {id(p) for p in head_parameters(backbone).values()} if hasattr(backbone, "base_model_prefix") else set()
-        skip = set(self.hparams["skip"])
+        skipped = []
+        if self.hparams["skip"]:
+            anatomy = describe(backbone)
+            skipped = [p.path for role in self.hparams["skip"] for p in anatomy.projections(role)]
         return [
             m
-            for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear)
-            and type(m).forward is torch.nn.Linear.forward
+            for name, m in backbone.named_modules()
+            if type(m).forward in _PLAIN_FORWARDS
             and m.weight.requires_grad
             and id(m.weight) not in head
-            and not skip & set(name.split("."))
+            and not any(name == path or name.startswith(path + ".") for path in skipped)
         ]
 
     def apply(self, model, task):
         targets = self.targets(model)
         if not targets:
-            raise ValueError("wta_crs found no trainable Linear layer outside `skip`; after LoRA set skip: []")
+            raise ValueError("wta_crs found no trainable linear layer outside `skip`; after LoRA set skip: []")
         for module in targets:
             module.wta_crs_ratio, module.wta_crs_valid = self.hparams["ratio"], None
+            module.wta_crs_transposed = not isinstance(module, torch.nn.Linear)
             module.forward = _sampled_forward.__get__(module)
         # The outer model sees the batch; the Hugging Face model inside sees the mask as its layers do
         # (lengthened by soft prompts, say). Outer hooks fire first, so the inner one has the last word.

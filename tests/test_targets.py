@@ -1,18 +1,20 @@
 """Methods that adapt chosen projections (LoRA, DoRA, VeRA, AdaLoRA, (IA)^3) find them by role on any backbone
 harness.anatomy describes: their default targets (`query`, `value`, ... stand for q, v, ...) land on the same
 roles of a RoBERTa, a DeBERTa, a DistilBERT or a Llama with grouped-query attention, each declares the count it
-trains, and a step trains. A role inside a fused projection is refused with a reason, not widened."""
+trains, and a step trains. A role inside a fused projection (GPT-2's c_attn, Phi-3's qkv_proj) adapts that layer once,
+whole, for every role it computes."""
 
 import pytest
 import torch
 
-from harness.errors import UserError
+from harness.anatomy import describe
 from harness.method import count, registry
+from methods._targets import linear_names
 from tests.conftest import toy_batch, toy_task
 from tests.test_anatomy import ALL
 
 METHODS = ["lora", "dora", "vera", "adalora", "ia3"]
-FAMILIES = ["bert", "roberta", "deberta-v2", "distilbert", "llama", "mistral"]
+FAMILIES = ["bert", "roberta", "deberta-v2", "distilbert", "gpt2", "llama", "mistral", "phi3"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -43,8 +45,18 @@ def test_targets_are_found_by_role_and_train(name, family):
     assert torch.isfinite(loss)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "phi3"])
-def test_a_role_inside_a_fused_projection_is_refused_with_its_reason(family):
+@pytest.mark.parametrize(
+    ("family", "targets", "adapted"),
+    [("gpt2", ["q", "v"], ["c_attn"]), ("phi3", ["q", "k", "v", "o"], ["qkv_proj", "o_proj"])],
+)
+def test_a_fused_projection_is_adapted_once_whole(family, targets, adapted):
     model = ALL[family]()
-    with pytest.raises(UserError, match="in one layer"):
-        registry()["lora"]().apply(model, toy_task())
+    names = linear_names(model, targets, "lora")
+    assert [n.rpartition(".")[2] for n in names] == adapted * len(describe(model).blocks)
+    lora = registry()["lora"](target_modules=targets)
+    d, blocks = describe(model).hidden_size, describe(model).blocks
+    fused = blocks[0].projection("q")
+    expected = sum(8 * (fused.in_features + sum(fused.fused.sizes)) for _ in blocks)
+    if "o" in targets:
+        expected += sum(8 * (b.projection("o").in_features + d) for b in blocks)
+    assert lora.adapter_params(model, toy_task()) == expected
