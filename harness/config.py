@@ -113,9 +113,7 @@ class Cell:
     entry: MethodEntry
     seed: int
     train: TrainSettings
-    backbone: str | None
-    trust_remote_code: bool
-    pooling: str = "auto"
+    backbone: backbones.Backbone
 
     @property
     def key(self) -> str:
@@ -130,10 +128,12 @@ class Cell:
             "method": [dataclasses.asdict(c) for c in self.entry.components],
             "lr": self.entry.lr,
             "train": dataclasses.asdict(self.train),
-            "backbone": self.backbone,
+            "backbone": self.backbone.ref,
             "backbone_description": backbones.describe(self.backbone),
-            "trust_remote_code": self.trust_remote_code,
-            "pooling": self.pooling,
+            "trust_remote_code": self.backbone.trust_remote_code,
+            "pooling": self.backbone.pooling,
+            # absent means pretrained, so records made before random weights existed keep their hash
+            **({"weights": self.backbone.weights} if self.backbone.random else {}),
         }
 
     @classmethod
@@ -147,9 +147,9 @@ class Cell:
             entry=MethodEntry(values["label"], components, values["lr"]),
             seed=values["seed"],
             train=TrainSettings.from_dict(values["train"]),
-            backbone=values["backbone"],
-            trust_remote_code=values["trust_remote_code"],
-            pooling=values["pooling"],
+            backbone=backbones.Backbone(
+                values["backbone"], values["trust_remote_code"], values["pooling"], values.get("weights", "pretrained")
+            ),
         )
 
     def config_hash(self) -> str:
@@ -165,9 +165,7 @@ class Suite:
     methods: tuple[MethodEntry, ...]
     seeds: tuple[int, ...]
     train: TrainSettings
-    backbone: str | None = None
-    trust_remote_code: bool = False
-    pooling: str = "auto"
+    backbone: backbones.Backbone = backbones.Backbone()
     description: str = ""
     gate: dict = field(default_factory=dict)  # regression-gate settings, read by `harness compare`
     task_train: dict = field(default_factory=dict)  # task name -> overrides of `train` for that task
@@ -181,11 +179,7 @@ class Suite:
                 if max_train_samples is not None:
                     settings = dataclasses.replace(settings, max_train_samples=max_train_samples)
                 for seed in self.seeds:
-                    cells.append(
-                        Cell(
-                            self.name, task, entry, seed, settings, self.backbone, self.trust_remote_code, self.pooling
-                        )
-                    )
+                    cells.append(Cell(self.name, task, entry, seed, settings, self.backbone))
         return cells
 
 
@@ -346,6 +340,47 @@ def _parse_task(raw, where: str, base_dir: Path, suite_train: dict) -> tuple[Tas
     return TaskSpec.from_mapping(name, raw, where, base_dir), {}
 
 
+BACKBONE_KEYS = {"name", "config", "weights", "trust_remote_code", "pooling"}
+
+
+def parse_backbone(raw, where: str) -> backbones.Backbone:
+    """`backbone: REF`, or a mapping: {name: REF} for pretrained weights, {config: NAME_OR_FOLDER, weights: random}
+    for a model built from its config alone; either with trust_remote_code and pooling."""
+    if raw is None or isinstance(raw, str):
+        return backbones.Backbone(raw)
+    if not isinstance(raw, dict):
+        raise UserError(where, "must be a model path or hub id, or a mapping", f"e.g. backbone: {backbones.DEFAULT}")
+    for key in raw:
+        if key not in BACKBONE_KEYS:
+            raise _unknown(where, key, BACKBONE_KEYS)
+    trust = _check_type(f"{where}.trust_remote_code", raw.get("trust_remote_code", False), bool)
+    pooling = raw.get("pooling", "auto")
+    if pooling not in backbones.POOLINGS:
+        raise UserError(
+            f"{where}.pooling", f"{pooling!r} is not a pooling", f"use one of {', '.join(backbones.POOLINGS)}"
+        )
+    weights = raw.get("weights", "random" if "config" in raw else "pretrained")
+    if weights not in backbones.WEIGHTS:
+        raise UserError(f"{where}.weights", f"{weights!r} is not a kind of weights", "use pretrained or random")
+    if "name" in raw and "config" in raw:
+        raise UserError(where, "give name (a pretrained model) or config (its shapes alone), not both", "drop one")
+    if "config" in raw and weights != "random":
+        raise UserError(f"{where}.weights", "a config holds no weights", "set weights: random, or give name: instead")
+    ref = raw.get("name", raw.get("config"))
+    if ref is not None and not isinstance(ref, str):
+        raise UserError(where, "the model must be a path, hub id or config name", f"e.g. name: {backbones.DEFAULT}")
+    if weights == "random" and "config" in raw:
+        folder = Path(backbones.resolve(backbones.Backbone(ref, weights="random")))
+        if not (folder / "config.json").is_file():
+            fix = did_you_mean(ref, backbones.shipped(), f"shipped configs: {', '.join(backbones.shipped())}")
+            raise UserError(
+                f"{where}.config", f"'{ref}' is neither a shipped config nor a folder with a config.json", fix
+            )
+    if trust:
+        warnings.warn(f"{where}: trust_remote_code is on: the backbone's own Python code will run", stacklevel=3)
+    return backbones.Backbone(ref, trust, pooling, weights)
+
+
 def load_suite(path: str | Path) -> Suite:
     path = Path(path)
     raw = suite_mapping(path)
@@ -359,24 +394,7 @@ def load_suite(path: str | Path) -> Suite:
     name = raw.get("name", path.stem)
     if not isinstance(name, str) or not name or "/" in name:
         raise UserError(f"{where}.name", f"{name!r} is not a usable suite name", "use a short name without '/'")
-    backbone, trust, pooling = raw.get("backbone"), False, "auto"
-    if isinstance(backbone, dict):
-        for key in backbone:
-            if key not in ("name", "trust_remote_code", "pooling"):
-                raise _unknown(f"{where}.backbone", key, {"name", "trust_remote_code", "pooling"})
-        trust = _check_type(f"{where}.backbone.trust_remote_code", backbone.get("trust_remote_code", False), bool)
-        pooling = backbone.get("pooling", "auto")
-        if pooling not in backbones.POOLINGS:
-            raise UserError(
-                f"{where}.backbone.pooling",
-                f"{pooling!r} is not a pooling",
-                f"use one of {', '.join(backbones.POOLINGS)}",
-            )
-        if trust:
-            warnings.warn(f"{where}: trust_remote_code is on: the backbone's own Python code will run", stacklevel=2)
-        backbone = backbone.get("name")
-    if backbone is not None and not isinstance(backbone, str):
-        raise UserError(f"{where}.backbone", "must be a model path or hub id", f"e.g. backbone: {backbones.DEFAULT}")
+    backbone = parse_backbone(raw.get("backbone"), f"{where}.backbone")
 
     suite_train = parse_train(raw.get("train"), f"{where}.train")
     settings = _settings(suite_train, f"{where}.train")
@@ -398,9 +416,7 @@ def load_suite(path: str | Path) -> Suite:
     _no_duplicates(seeds, f"{where}.seeds", "list each seed once")
     gate = parse_gate(raw.get("gate"), f"{where}.gate")
     description = raw.get("description", "")
-    suite = Suite(
-        name, path, tasks, entries, tuple(seeds), settings, backbone, trust, pooling, str(description), gate, task_train
-    )
+    suite = Suite(name, path, tasks, entries, tuple(seeds), settings, backbone, str(description), gate, task_train)
     try:  # a task's and a method's overrides may each be fine and clash together
         suite.cells()
     except ValueError as exc:

@@ -128,9 +128,15 @@ def read_frame(path: Path, where: str) -> pd.DataFrame:
 
 
 def load_split(task: TaskSpec, split: str, data_dir: Path | None) -> pd.DataFrame:
-    local = _local_file(task, split, data_dir)
-    if local is not None:
+    local = _local_file(task, split, data_dir) if not task.sklearn else None
+    if task.sklearn:
+        frame, source = _load_sklearn(task, split), f"scikit-learn {task.sklearn}"
+    elif local is not None and local[0].is_dir() and task.image_column:
+        frame, source = read_image_folder(task, *local), str(local[0])
+    elif local is not None:
         frame, source = read_frame(*local), str(local[0])
+        if task.image_column in frame.columns:  # paths in a data file are relative to its folder
+            frame[task.image_column] = [_anchored(v, local[0].parent) for v in frame[task.image_column]]
     elif task.hub:
         frame, source = _load_hub(task, split), f"hub {'/'.join(task.hub)}"
     else:
@@ -141,6 +147,102 @@ def load_split(task: TaskSpec, split: str, data_dir: Path | None) -> pd.DataFram
         )
     check_split(task, split, frame, source)
     return frame
+
+
+# ---------------------------------------------------------------- images
+
+
+def _anchored(value, folder: Path):
+    """An image file path taken against `folder` (the data file's); image bytes are left as they are."""
+    if isinstance(value, str) and not Path(value).is_absolute():
+        return str(folder / value)
+    if isinstance(value, dict) and isinstance(value.get("path"), str) and value.get("bytes") is None:
+        return {**value, "path": _anchored(value["path"], folder)}
+    return value
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def read_image_folder(task: TaskSpec, folder: Path, where: str) -> pd.DataFrame:
+    """The `imagefolder` layout: <split folder>/<class name>/<image file>. Labels are the class folders'
+    indices in sorted order, so every split of a task must hold the same class folders."""
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if len(classes) != task.num_labels:
+        raise UserError(
+            where,
+            f"'{folder}' holds {len(classes)} class folders ({', '.join(classes[:5])}), "
+            f"not num_labels={task.num_labels}",
+            "put one folder per class under the split folder, or fix num_labels",
+        )
+    rows = [
+        {task.image_column: str(path), task.label_column: label}
+        for label, name in enumerate(classes)
+        for path in sorted((folder / name).iterdir())
+        if path.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    return pd.DataFrame(rows, columns=[task.image_column, task.label_column])
+
+
+def open_image(value):
+    """An image column's value -> an RGB PIL image: a file path, raw bytes, or `datasets`' {"bytes", "path"}."""
+    import io
+
+    from PIL import Image
+
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    image = Image.open(io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value)
+    return image.convert("RGB")
+
+
+def _check_images(task: TaskSpec, frame: pd.DataFrame, where: str) -> None:
+    """Every file an image column names exists, and the first image decodes: before any training."""
+    values = frame[task.image_column]
+    missing = [v for v in values if isinstance(v, str) and not Path(v).is_file()]
+    if missing:
+        raise UserError(where, f"{len(missing)} image files do not exist, e.g. '{missing[0]}'", "fix the paths")
+    try:
+        open_image(values.iloc[0])
+    except Exception as exc:  # noqa: BLE001 (PIL's errors for a bad value are many)
+        raise UserError(
+            where,
+            f"the image column '{task.image_column}' does not hold images ({type(exc).__name__}: {_first_line(exc)})",
+            "give image file paths, image bytes, or {bytes, path} records as `datasets` writes them",
+        ) from None
+
+
+def _digits(split: str) -> pd.DataFrame:
+    """scikit-learn's load_digits: 1,797 8x8 grayscale images of 17 levels, as PNG bytes; a stratified
+    80/20 train/validation split, fixed (seed 0), so every cell reads the same images."""
+    import io
+
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    train, validation = train_test_split(
+        np.arange(len(digits.target)), test_size=0.2, random_state=0, stratify=digits.target
+    )
+    rows = []
+    for i in {"train": train, "validation": validation}[split]:
+        buffer = io.BytesIO()
+        Image.fromarray((digits.images[i] * (255 / 16)).round().astype(np.uint8), mode="L").save(buffer, "PNG")
+        rows.append({"image": {"bytes": buffer.getvalue(), "path": None}, "label": int(digits.target[i])})
+    return pd.DataFrame(rows)
+
+
+SKLEARN = {"load_digits": (_digits, ("train", "validation"))}
+
+
+def _load_sklearn(task: TaskSpec, split: str) -> pd.DataFrame:
+    if task.sklearn not in SKLEARN:
+        raise UserError(f"task {task.name}.sklearn", f"unknown loader '{task.sklearn}'", f"use one of {list(SKLEARN)}")
+    load, splits = SKLEARN[task.sklearn]
+    if split not in splits:
+        raise UserError(f"task {task.name}", f"{task.sklearn} has no split '{split}'", f"use one of {list(splits)}")
+    return load(split)
 
 
 def _load_hub(task: TaskSpec, split: str) -> pd.DataFrame:
@@ -161,13 +263,15 @@ def _load_hub(task: TaskSpec, split: str) -> pd.DataFrame:
 def check_split(task: TaskSpec, split: str, frame: pd.DataFrame, source: str | None = None) -> None:
     """The columns and labels a task needs; `source` (the file, or the hub id) is named in every error."""
     where = f"task {task.name} ({split} split{f', {source}' if source else ''})"
-    missing = [c for c in (*task.text_columns, task.label_column) if c not in frame.columns]
+    inputs = (task.image_column,) if task.image_column else task.text_columns
+    missing = [c for c in (*inputs, task.label_column) if c not in frame.columns]
     if missing:
-        raise UserError(
-            where, f"missing column(s) {missing}; it has {list(frame.columns)}", "fix text_columns / label_column"
-        )
+        fix = "fix image_column / label_column" if task.image_column else "fix text_columns / label_column"
+        raise UserError(where, f"missing column(s) {missing}; it has {list(frame.columns)}", fix)
     if len(frame) == 0:
         raise UserError(where, "is empty", "point the task at a file with rows")
+    if task.image_column:
+        _check_images(task, frame, where)
     labels = frame[task.label_column]
     if labels.isna().any():
         raise UserError(where, f"{int(labels.isna().sum())} rows have no label", "drop them or fill the label column")
@@ -222,8 +326,42 @@ class Encoded(torch.utils.data.Dataset):
         return item
 
 
-def make_collate(tokenizer, padding: str, max_length: int):
-    """padding='dynamic' pads to the longest example of the batch; 'max_length' to max_length."""
+class Images(torch.utils.data.Dataset):
+    """An image task's examples, kept as stored (paths or bytes); decoded and processed per batch in collate."""
+
+    def __init__(self, task: TaskSpec, frame: pd.DataFrame):
+        self.images = frame[task.image_column].tolist()
+        self.labels = frame[task.label_column].to_numpy().astype(np.int64)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "labels": self.labels[i]}
+
+
+def examples(task: TaskSpec, frame: pd.DataFrame, preprocessor, max_length: int) -> torch.utils.data.Dataset:
+    """A split as the loader reads it: token ids for text, stored images for an image task."""
+    return Images(task, frame) if task.image_column else Encoded(task, frame, preprocessor, max_length)
+
+
+def make_collate(task: TaskSpec, preprocessor, padding: str, max_length: int):
+    """Text: padding='dynamic' pads to the longest example of the batch; 'max_length' to max_length.
+    Images: the backbone's image processor (resize, rescale, normalise) makes `pixel_values`."""
+    if task.image_column:
+        return _image_collate(preprocessor)
+    return _text_collate(preprocessor, padding, max_length)
+
+
+def _image_collate(processor):
+    def collate(items):
+        pixels = processor(images=[open_image(it["image"]) for it in items], return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixels, "labels": torch.tensor(np.array([it["labels"] for it in items]))}
+
+    return collate
+
+
+def _text_collate(tokenizer, padding: str, max_length: int):
 
     def collate(items):
         labels = torch.tensor(np.array([it.pop("labels") for it in items]))

@@ -24,7 +24,7 @@ Device-reported:
   cannot see this process (containers, MIG) the figure is device-wide usage
   minus the usage before the phase, and `nvml_source` says so.
 - Host: the worker's peak RSS (getrusage), which includes model loading.
-Throughput: samples/s and non-padding tokens/s over the timed steps (the first
+Throughput: samples/s and non-padding tokens/s (for images, patches/s) over the timed steps (the first
 `timing_warmup_steps` left out, CUDA synchronised around each), and step-time
 median and p90.
 What ran, so that figures are compared only with figures measured the same way:
@@ -318,9 +318,19 @@ class Meter:
         start = time.perf_counter()
         yield
         self._sync()
+        self.steps.append((time.perf_counter() - start, len(batch["labels"]), self._tokens(batch)))
+
+    def _tokens(self, batch: dict) -> int:
+        """Non-padding tokens, or for images the patches the model cuts them into ([CLS] not counted)."""
+        pixels = batch.get("pixel_values")
+        if pixels is not None:
+            patch = getattr(getattr(self.model, "config", None), "patch_size", None)
+            if not patch:
+                return len(pixels)
+            high, wide = (patch, patch) if isinstance(patch, int) else patch
+            return len(pixels) * (pixels.shape[-2] // high) * (pixels.shape[-1] // wide)
         mask = batch.get("attention_mask")
-        tokens = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
-        self.steps.append((time.perf_counter() - start, len(batch["labels"]), tokens))
+        return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
 
     def saved_tensors(self, batch: dict):
         """Wrap one forward+backward of `batch`: its saved tensors are counted (see count_activations)."""

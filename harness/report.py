@@ -155,6 +155,9 @@ def glance(summary: Summary) -> tuple[str, list[tuple[str, str]]]:
     ]
 
 
+FAILED_TITLE = "Cells that did not finish (or were unsupported by the backbone)"
+
+
 def failed_cells(summary: Summary) -> pd.DataFrame:
     cells = summary.cells[summary.cells["status"] != "ok"]
     return cells.sort_values(["task", "method", "seed"])[["task", "method", "seed", "status", "error"]]
@@ -372,7 +375,7 @@ def render_html(summary: Summary, figures: dict, out_dir: Path, generated: str) 
     parts.append("<h2>Costs</h2>")
     for name in ("metric_vs_params", "metric_vs_throughput", "memory_breakdown"):
         parts.append(figure_html(out_dir, name, figures[name], CAPTIONS[name]))
-    parts += ["<h2>Cells that did not finish (or were unsupported by the backbone)</h2>", failed_html(failed_cells(summary))]
+    parts += [f"<h2>{FAILED_TITLE}</h2>", failed_html(failed_cells(summary))]
     parts.append(
         '<h2>How to read the numbers</h2><ul class="notes">' + "".join(f"<li>{esc(n)}</li>" for n in NOTES) + "</ul>"
     )
@@ -429,7 +432,7 @@ def render_markdown(summary: Summary, figures: dict, generated: str) -> str:
     ]
     failed = failed_cells(summary)
     if len(failed):
-        out += ["", "### Cells that did not finish (or were unsupported by the backbone)", "", md_table(failed.assign(pareto=False), failed_columns())]
+        out += ["", f"### {FAILED_TITLE}", "", md_table(failed.assign(pareto=False), failed_columns())]
     if summary.broken:
         out += [
             "",

@@ -32,14 +32,16 @@ def preflight(suite: Suite, data_dir: Path | None) -> None:
     for task in suite.tasks:
         data.load_split(task, task.train_split, data_dir)
         data.load_split(task, task.eval_split, data_dir)
-    try:
-        backbone.load_tokenizer(suite.backbone, suite.trust_remote_code)
-    except Exception as exc:
-        raise UserError(
-            f"{suite.path}.backbone",
-            f"cannot load '{suite.backbone}': {type(exc).__name__}",
-            "give a local model folder, or a hub id with network access",
-        ) from None
+    for task in {task.modality: task for task in suite.tasks}.values():  # the preprocessor each kind of input needs
+        try:
+            backbone.load_preprocessor(suite.backbone, task)
+        except Exception as exc:
+            what = "image processor" if task.modality == "image" else "tokenizer"
+            raise UserError(
+                f"{suite.path}.backbone",
+                f"cannot load the {what} of '{backbone.describe(suite.backbone)}': {type(exc).__name__}",
+                "give a local model folder, or a hub id with network access",
+            ) from None
 
 
 def unsupported_cells(suite: Suite, cells: list[Cell]) -> dict[str, str]:
@@ -50,7 +52,7 @@ def unsupported_cells(suite: Suite, cells: list[Cell]) -> dict[str, str]:
     for cell in cells:
         kind = (cell.task.type, cell.task.num_labels)
         if kind not in anatomies:
-            model = backbone.skeleton(suite.backbone, cell.task, suite.trust_remote_code, suite.pooling)
+            model = backbone.skeleton(suite.backbone, cell.task)
             try:
                 anatomies[kind] = anatomy.describe(model)
             except ValueError:

@@ -54,7 +54,7 @@ def build(cell: Cell, total_steps: int | None = None):
     """Backbone with head and the entry's method applied (a Stack of its components, however many);
     (model, declared trainable count, optimizer groups, whether the saved bytes can follow the values
     and not only the shapes). `total_steps`, the run's length, is passed to the method before it applies."""
-    model = backbone.load_model(cell.backbone, cell.task, cell.trust_remote_code, cell.pooling)
+    model = backbone.load_model(cell.backbone, cell.task)
     if cell.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     method = stack_of(cell)
@@ -91,13 +91,13 @@ def run_cell(
     meter = None
     try:
         seed_everything(cell.seed)
-        tokenizer = backbone.load_tokenizer(cell.backbone, cell.trust_remote_code)
+        preprocessor = backbone.load_preprocessor(cell.backbone, task)
         train_frame = data.subset(data.load_split(task, task.train_split, data_dir), settings.max_train_samples)
         eval_frame = data.subset(data.load_split(task, task.eval_split, data_dir), settings.max_eval_samples)
-        collate = data.make_collate(tokenizer, settings.padding, settings.max_seq_length)
+        collate = data.make_collate(task, preprocessor, settings.padding, settings.max_seq_length)
         generator = torch.Generator().manual_seed(cell.seed)
         train_loader = torch.utils.data.DataLoader(
-            data.Encoded(task, train_frame, tokenizer, settings.max_seq_length),
+            data.examples(task, train_frame, preprocessor, settings.max_seq_length),
             batch_size=settings.batch_size,
             shuffle=True,
             generator=generator,
@@ -105,7 +105,7 @@ def run_cell(
             drop_last=len(train_frame) > settings.batch_size,
         )
         eval_loader = torch.utils.data.DataLoader(
-            data.Encoded(task, eval_frame, tokenizer, settings.max_seq_length),
+            data.examples(task, eval_frame, preprocessor, settings.max_seq_length),
             batch_size=settings.eval_batch_size,
             collate_fn=collate,
         )

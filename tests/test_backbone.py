@@ -3,6 +3,7 @@ default MiniLM): the head reads the mean over the real tokens, padding ignored."
 
 import copy
 
+import pytest
 import torch
 
 from harness.backbone import use_mean_pooling
@@ -74,3 +75,30 @@ def test_a_decoder_without_a_padding_token_gets_one_and_reads_the_last_real_toke
         alone = model(**short).logits[0]
         padded = model(**batch).logits[0]
     torch.testing.assert_close(padded, alone, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["roberta", "distilbert", "deberta-v2", "llama", "gpt2", "vit"])
+def test_mean_pooling_reaches_every_head_wherever_it_reads(family):
+    """Heads that read a position of the backbone's output (RoBERTa's first token, a decoder's last real one,
+    ViT's [CLS]) read the mean of the real tokens under `pooling: mean`, not what they read without it."""
+    from tests.test_anatomy import ALL
+
+    torch.manual_seed(0)
+    model = ALL[family]().eval()
+    model.config.pad_token_id = 0
+    if family == "vit":
+        batch = {"pixel_values": torch.randn(2, 3, 32, 32)}
+    else:
+        batch = {
+            k: v[:2].clamp(max=99) for k, v in toy_batch(toy_task()).items() if k in ("input_ids", "attention_mask")
+        }
+    with torch.no_grad():
+        hidden = model.base_model(**batch).last_hidden_state
+        plain = model(**batch).logits
+        use_mean_pooling(model)
+        pooled = model.base_model(**batch).last_hidden_state
+        mean = model(**batch).logits
+    mask = batch.get("attention_mask", torch.ones(hidden.shape[:2]))
+    expected = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    torch.testing.assert_close(pooled, expected[:, None].expand_as(hidden))
+    assert not torch.allclose(plain, mean), "pooling: mean is not a silent no-op"

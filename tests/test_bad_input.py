@@ -232,14 +232,14 @@ def test_remote_code_is_off_unless_the_suite_turns_it_on(tmp_path):
     from harness.config import load_suite
 
     plain = load_suite(write_case(tmp_path, f"tasks: [sst2]\n{GOOD_METHOD}", {}))
-    assert plain.trust_remote_code is False and all(c.trust_remote_code is False for c in plain.cells())
+    assert plain.backbone.trust_remote_code is False and all(not c.backbone.trust_remote_code for c in plain.cells())
     with pytest.warns(UserWarning, match="trust_remote_code is on"):
         trusting = load_suite(
             write_case(
                 tmp_path, f"backbone: {{name: minilm-l6, trust_remote_code: true}}\ntasks: [sst2]\n{GOOD_METHOD}", {}
             )
         )
-    assert all(c.trust_remote_code for c in trusting.cells())
+    assert all(c.backbone.trust_remote_code for c in trusting.cells())
 
 
 # ---- files that exist but cannot be read -------------------------------------------------------------

@@ -161,7 +161,8 @@ def test_glue_tasks_use_official_metrics():
         "rte": "accuracy",
         "wnli": "accuracy",
     }
-    assert {name: task.primary_metric for name, task in BUILTIN_TASKS.items()} == official
+    glue = {name: task.primary_metric for name, task in BUILTIN_TASKS.items() if task.modality == "text"}
+    assert glue == official
     assert set(BUILTIN_TASKS["stsb"].metrics) == {"pearson", "spearman"}
     assert set(BUILTIN_TASKS["mrpc"].metrics) == {"f1", "accuracy"}
     higher = {name: m.higher_is_better for name, m in METRICS.items()}

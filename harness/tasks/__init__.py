@@ -1,6 +1,6 @@
 """Tasks: what data to read, which columns hold text and label, which metrics.
 
-Every task, GLUE included, is declared in YAML (see glue.yaml beside this file)
+Every task, GLUE included, is declared in YAML (glue.yaml, images.yaml beside this file)
 and parsed by `TaskSpec.from_mapping`; a suite declares new tasks the same way.
 A task's metrics are names from harness/metrics.py or plugin metrics (module:function).
 """
@@ -13,12 +13,15 @@ import yaml
 from harness import metrics as metric_registry
 from harness.errors import UserError
 
+_ADDED_LATER = ("image_column", "sklearn")
 TASK_KEYS = {
     "description",
     "local",
     "data_files",
     "hub",
     "text_columns",
+    "image_column",
+    "sklearn",
     "label_column",
     "type",
     "num_labels",
@@ -44,13 +47,20 @@ class TaskSpec:
     hub: tuple[str, ...] | None = None  # (dataset id[, config name])
     train_split: str = "train"
     eval_split: str = "validation"
+    image_column: str | None = None  # an image task's input: file paths, or image bytes as `datasets` stores them
+    sklearn: str | None = None  # a scikit-learn loader whose offline data the task reads (harness.data.SKLEARN)
 
     @property
     def is_regression(self) -> bool:
         return self.type == "regression"
 
+    @property
+    def modality(self) -> str:
+        return "image" if self.image_column else "text"
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        # Fields added after records existed are left out while unset, so older cells keep their config hash.
+        return {k: v for k, v in asdict(self).items() if not (k in _ADDED_LATER and v is None)}
 
     @classmethod
     def from_dict(cls, values: dict) -> "TaskSpec":
@@ -128,19 +138,30 @@ class TaskSpec:
                     "e.g. hub: [nyu-mll/glue, sst2]",
                 )
             hub = tuple(hub)
-        if not (raw.get("local") or data_files or hub):
-            raise UserError(where, f"task '{name}' says nowhere to read its data", "give data_files, local or hub")
-        strings = {k: raw[k] for k in ("description", "local", "label_column", "train_split", "eval_split") if k in raw}
+        if not (raw.get("local") or data_files or hub or raw.get("sklearn")):
+            raise UserError(
+                where, f"task '{name}' says nowhere to read its data", "give data_files, local, hub or sklearn"
+            )
+        keys = ("description", "local", "label_column", "train_split", "eval_split", "image_column", "sklearn")
+        strings = {k: raw[k] for k in keys if k in raw}
         for key, value in strings.items():
             if not isinstance(value, str):
                 raise UserError(f"{where}.{key}", "must be a string", f"quote the value of {key}")
-        text_columns = need_list("text_columns")
+        if ("text_columns" in raw) == ("image_column" in raw):
+            raise UserError(
+                where,
+                f"task '{name}' must read either text or an image",
+                "give text_columns: [...] for text, or image_column: NAME for images",
+            )
+        text_columns = need_list("text_columns") if "text_columns" in raw else ()
         if len(text_columns) > 2:  # a tokenizer takes a text and an optional pair; a third would be dropped
             raise UserError(
                 f"{where}.text_columns",
                 f"{len(text_columns)} text columns; a task reads one text or a pair",
                 "give one or two columns (join the others into one in the data)",
             )
+        if "image_column" in raw and task_type != "classification":
+            raise UserError(f"{where}.type", "an image task is a classification", "remove type, or read text")
         return cls(
             name=name,
             text_columns=text_columns,
@@ -155,9 +176,11 @@ class TaskSpec:
 
 
 def _load_builtin() -> dict[str, TaskSpec]:
-    path = Path(__file__).with_name("glue.yaml")
-    raw = yaml.safe_load(path.read_text())
-    return {name: TaskSpec.from_mapping(name, spec, f"{path}:{name}") for name, spec in raw.items()}
+    tasks = {}
+    for path in sorted(Path(__file__).parent.glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        tasks.update({name: TaskSpec.from_mapping(name, spec, f"{path}:{name}") for name, spec in raw.items()})
+    return tasks
 
 
 BUILTIN_TASKS: dict[str, TaskSpec] = _load_builtin()

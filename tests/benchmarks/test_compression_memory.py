@@ -33,7 +33,7 @@ def batch_of(data_dir, device, length: int) -> dict:
     tokenizer = backbone.load_tokenizer(None)
     frame = data.load_split(TASK, "validation", data_dir).iloc[:8]
     encoded = data.Encoded(TASK, frame, tokenizer, length)
-    collate = data.make_collate(tokenizer, "max_length", length)
+    collate = data.make_collate(TASK, tokenizer, "max_length", length)
     return {k: v.to(device) for k, v in collate([encoded[i] for i in range(len(encoded))]).items()}
 
 

@@ -37,7 +37,7 @@ BARE_LOOP = textwrap.dedent("""
     frame = data.subset(data.load_split(task, "train", data.resolve_data_dir(None)), settings.max_train_samples)
     loader = torch.utils.data.DataLoader(data.Encoded(task, frame, tokenizer, settings.max_seq_length),
         batch_size=settings.batch_size, shuffle=True, generator=torch.Generator().manual_seed(cell.seed),
-        collate_fn=data.make_collate(tokenizer, settings.padding, settings.max_seq_length), drop_last=True)
+        collate_fn=data.make_collate(task, tokenizer, settings.padding, settings.max_seq_length), drop_last=True)
     optimizer = torch.optim.AdamW(groups)
     trainable = [p for g in groups for p in g["params"]]
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()

@@ -57,7 +57,7 @@ def batches(data_dir, settings, device):
         batch_size=settings.batch_size,
         shuffle=True,
         generator=torch.Generator().manual_seed(0),
-        collate_fn=data.make_collate(tokenizer, settings.padding, settings.max_seq_length),
+        collate_fn=data.make_collate(TASK, tokenizer, settings.padding, settings.max_seq_length),
     )
     return [{k: v.to(device) for k, v in batch.items()} for batch in loader]
 
