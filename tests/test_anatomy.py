@@ -10,49 +10,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from harness.anatomy import ALIASES, ROLES, alias_to_role, describe, in_out_features, norm_kind, out_axis
+from harness.families import BUILDERS, FFN, HEADS, LAYERS, VOCAB, D
 
-D, FFN, HEADS, LAYERS, VOCAB = 32, 64, 4, 2, 100
 TEXT = dict(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=FFN, vocab_size=VOCAB)
 TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
-
-
-def _deberta_v3():
-    # v3's layout: relative attention with log buckets, a LayerNorm on the relative embeddings (in the encoder,
-    # after the blocks, but no final norm), and (share_att_key off) two more projections beside q, k, v
-    config = tf.DebertaV2Config(
-        relative_attention=True,
-        position_buckets=16,
-        norm_rel_ebd="layer_norm",
-        share_att_key=False,
-        pos_att_type=["p2c", "c2p"],
-        **TEXT,
-    )
-    return tf.DebertaV2ForSequenceClassification(config)
-
-
-BUILDERS = {
-    "bert": lambda: tf.BertForSequenceClassification(tf.BertConfig(**TEXT)),
-    "roberta": lambda: tf.RobertaForSequenceClassification(tf.RobertaConfig(**TEXT, **TOKENS)),
-    "deberta-v2": lambda: tf.DebertaV2ForSequenceClassification(tf.DebertaV2Config(**TEXT)),
-    "deberta-v3": _deberta_v3,
-    "distilbert": lambda: tf.DistilBertForSequenceClassification(
-        tf.DistilBertConfig(dim=D, n_layers=LAYERS, n_heads=HEADS, hidden_dim=FFN, vocab_size=VOCAB)
-    ),
-    "gpt2": lambda: tf.GPT2ForSequenceClassification(
-        tf.GPT2Config(n_embd=D, n_layer=LAYERS, n_head=HEADS, n_inner=FFN, vocab_size=VOCAB, **TOKENS)
-    ),
-    "llama": lambda: tf.LlamaForSequenceClassification(tf.LlamaConfig(num_key_value_heads=2, **TEXT, **TOKENS)),
-    "vit": lambda: tf.ViTForImageClassification(
-        tf.ViTConfig(
-            image_size=32,
-            patch_size=8,
-            hidden_size=D,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            intermediate_size=FFN,
-        )
-    ),
-}
 # Families anatomy.py has no word for: found by the same rules.
 UNNAMED = {
     "mistral": lambda: tf.MistralForSequenceClassification(tf.MistralConfig(num_key_value_heads=2, **TEXT, **TOKENS)),
