@@ -15,19 +15,23 @@ Not back-propagated through: nothing is skipped; the gradient reaches prompt
 and embedding update through the whole frozen network.
 
 Departures from the paper: T5 generates the label's words; here a freshly
-initialised head classifies the text's [CLS] state (the encoder's output is
-cut back to the text positions, methods/_prompts.py) and trains at the
-low-rank rate, the paper having no head. The authors' code scales A B by
-alpha / sqrt(r); here the scale is 1 (with Adam this only changes B's
-effective step size). The paper uses lr 3e-1 (prompt) with T5 and searches
-1e-4 to 5e-3 for A, B; on this small post-LayerNorm encoder with AdamW the
-defaults are 3e-2 (as for prompt_tuning) and 5e-4.
+initialised head classifies the text and trains at the low-rank rate, the
+paper having no head. The head reads the text, not the prompt
+(methods/_prompts.py): an encoder's head its [CLS] state (the virtual
+positions are cut before it), a decoder's (GPT-2, Llama: not in the paper) the
+last real token's, found from the attention mask, as the model is given
+`inputs_embeds`. Not on image models (ViT): the prompt and the update are of
+token embeddings. The authors' code scales A B by alpha / sqrt(r); here the
+scale is 1 (with Adam this only changes B's effective step size). The paper
+uses lr 3e-1 (prompt) with T5 and searches 1e-4 to 5e-3 for A, B; on this
+small post-LayerNorm encoder with AdamW the defaults are 3e-2 (as for
+prompt_tuning) and 5e-4.
 """
 
 import torch
 
 from harness.method import Method, count, freeze_all, head_parameters
-from methods._prompts import check_room, read_text_states
+from methods._prompts import check_room, no_token_embeddings, read_text_states, token_width
 
 
 class DePTModel(torch.nn.Module):
@@ -60,9 +64,9 @@ class DePTModel(torch.nn.Module):
         embeds = torch.cat([self.prompt.expand(batch, -1, -1), embeds], dim=1)
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask.new_ones(batch, virtual), attention_mask], dim=1)
-        if token_type_ids is not None:
-            token_type_ids = torch.cat([token_type_ids.new_zeros(batch, virtual), token_type_ids], dim=1)
-        return self.model(inputs_embeds=embeds, attention_mask=attention_mask, token_type_ids=token_type_ids, **kwargs)
+        if token_type_ids is not None:  # passed on only when given: decoders such as Llama take none
+            kwargs["token_type_ids"] = torch.cat([token_type_ids.new_zeros(batch, virtual), token_type_ids], dim=1)
+        return self.model(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
 
 
 class DePT(Method):
@@ -81,6 +85,9 @@ class DePT(Method):
         if self.hparams["lowrank_lr"] <= 0:
             raise ValueError("lowrank_lr must be positive")
 
+    def unsupported(self, anatomy):
+        return no_token_embeddings(anatomy)
+
     def apply(self, model, task):
         n = self.hparams["num_virtual_tokens"]
         check_room(model, n, self.name)
@@ -88,13 +95,13 @@ class DePT(Method):
         vocab = model.get_input_embeddings().weight
         rows = torch.randint(0, vocab.shape[0], (n,))
         wrapped = DePTModel(model, vocab[rows].detach().clone(), self.hparams["r"], self.hparams["max_length"])
-        read_text_states(model, n, self.name)
+        read_text_states(model, n)
         for p in head_parameters(model).values():
             p.requires_grad_(True)
         return wrapped
 
     def expected_trainable_params(self, model, task):
-        d, h = model.config.hidden_size, self.hparams
+        d, h = token_width(model), self.hparams
         return (
             h["num_virtual_tokens"] * d + h["max_length"] * h["r"] + h["r"] * d + count(head_parameters(model).values())
         )

@@ -14,17 +14,20 @@ network.
 Departures from the paper: the paper interleaves prompt tokens with the input
 in a task template and predicts label words with the masked-LM head; peft and
 this harness prepend all virtual tokens and train a fresh classification head.
-The head reads the text's [CLS] state: peft prepends the prompt, so the
-position a BERT head pools would be a virtual token the pretrained pooler
-never saw; the encoder's output is cut back to the text positions before the
-head (methods/_prompts.py). num_virtual_tokens 20 (peft's documented example)
-stands in for the paper's per-task templates. The learning rate 1e-3 is a
-documented choice for this encoder (peft's P-tuning sequence-classification
-example uses it).
+The head reads the text, not the prompt (methods/_prompts.py): on an encoder
+its [CLS] state (the virtual positions are cut before the head, whose first
+position would otherwise be a virtual token the pretrained pooler never saw);
+on a decoder the last real token's state, found from the attention mask (given
+peft's `inputs_embeds`, Hugging Face's decoder heads cannot find it). Not on image models (ViT): the prompt
+is prepended to token embeddings. The model width below is the token
+embeddings' (ELECTRA's are narrower than its blocks). num_virtual_tokens 20
+(peft's documented example) stands in for the paper's per-task templates. The
+learning rate 1e-3 is a documented choice for this encoder (peft's P-tuning
+sequence-classification example uses it).
 """
 
 from methods._peft import PeftMethod, head_names
-from methods._prompts import check_room, read_text_states
+from methods._prompts import check_room, no_token_embeddings, prompt_shape, read_text_states, token_width
 
 
 class PTuning(PeftMethod):
@@ -45,8 +48,11 @@ class PTuning(PeftMethod):
         if self.hparams["encoder_hidden_size"] < 0:
             raise ValueError("encoder_hidden_size must be positive (or 0 for half the model width)")
 
+    def unsupported(self, anatomy):
+        return no_token_embeddings(anatomy)
+
     def _hidden(self, model):
-        return self.hparams["encoder_hidden_size"] or model.config.hidden_size // 2
+        return self.hparams["encoder_hidden_size"] or token_width(model) // 2
 
     def peft_config(self, model, task):
         from peft import PromptEncoderConfig, PromptEncoderReparameterizationType, TaskType
@@ -63,15 +69,16 @@ class PTuning(PeftMethod):
             encoder_reparameterization_type=kind,
             encoder_hidden_size=self._hidden(model),
             encoder_num_layers=self.hparams["encoder_num_layers"],
+            **prompt_shape(model),
             modules_to_save=head_names(model),
         )
 
     def apply(self, model, task):
-        read_text_states(model, self.hparams["num_virtual_tokens"], self.name)
+        read_text_states(model, self.hparams["num_virtual_tokens"])
         return super().apply(model, task)
 
     def adapter_params(self, model, task):
-        d, h, n = model.config.hidden_size, self._hidden(model), self.hparams["num_virtual_tokens"]
+        d, h, n = token_width(model), self._hidden(model), self.hparams["num_virtual_tokens"]
         total = n * d  # the pseudo-token embedding
         if self.hparams["encoder"] == "mlp":  # d -> h -> h -> d, with biases
             return total + (d * h + h) + (h * h + h) + (h * d + d)

@@ -21,10 +21,20 @@ Departures from the paper:
   the default is `projection: false`, as in P-tuning v2 (Liu et al., ACL 2022),
   which applies the same deep prefixes to BERT-style encoders for NLU.
   `projection: true` (with `init: random`) gives the paper's MLP.
-- The paper generates text with GPT-2/BART; here the encoder feeds a freshly
+- The paper generates text with GPT-2/BART; here the backbone feeds a freshly
   initialised classification head. Its lr 5e-5 (batch 5) was for generation;
   the default here is P-tuning v2's 1e-2. `head_lr` optionally gives the head
   its own learning rate.
+- On a decoder the head reads the last real token, found from the attention
+  mask (methods/_prompts.py), not the last token that is not the pad id.
+- Grouped-query attention (Llama): a prefix has as many key and value heads as
+  the layer's k and v projections write (kv heads x head dim wide, peft's
+  layout). Rotary models (Llama) rotate keys before caching them, and peft's
+  prefixes are cache entries that are not rotated again: `init: words` copies
+  the words' keys as the k projection writes them, before their rotation.
+- Only models whose attention takes a key/value cache can take prefixes
+  (peft hands them over as the cache): DeBERTa and DistilBERT take none and
+  are refused.
 """
 
 import inspect
@@ -32,8 +42,9 @@ import types
 
 import torch
 
-from methods._bert import linear_names
-from methods._peft import PeftMethod, head_names, modules
+from harness.anatomy import describe
+from methods._peft import PeftMethod, head_names
+from methods._prompts import read_text_states
 
 
 class PrefixTuning(PeftMethod):
@@ -68,13 +79,22 @@ class PrefixTuning(PeftMethod):
         ):
             raise ValueError("head_lr must be positive")
 
+    def unsupported(self, anatomy):
+        if _cache_argument(anatomy.base.module) is None:
+            return (
+                f"{type(anatomy.base.module).__name__}.forward takes neither past_key_values nor cache, "
+                "so prefixes cannot be prepended to its keys and values"
+            )
+        return None
+
     def apply(self, model, task):
         offer_past_key_values(model, self.name)
+        read_text_states(model, 0)  # a prefix adds keys and values, no positions
         wrapped = super().apply(model, task)
         if self.hparams["init"] == "words":
             prefix = wrapped.prompt_encoder[wrapped.active_adapter].embedding.weight
             with torch.no_grad():
-                prefix.copy_(word_keys_values(wrapped.base_model, self.hparams["num_virtual_tokens"], self.name))
+                prefix.copy_(word_keys_values(wrapped.base_model, self.hparams["num_virtual_tokens"]))
         return wrapped
 
     def param_groups(self, model, lr):
@@ -96,22 +116,25 @@ class PrefixTuning(PeftMethod):
         )
 
     def adapter_params(self, model, task):
-        n, d, layers = self.hparams["num_virtual_tokens"], model.config.hidden_size, model.config.num_hidden_layers
-        prefix = layers * 2 * d  # a key and a value vector per layer, for each virtual token
+        blocks = describe(model).blocks
+        n, width = self.hparams["num_virtual_tokens"], blocks[0].projection("k").out_features  # kv heads x head dim
+        prefix = len(blocks) * 2 * width  # a key and a value vector per layer, for each virtual token
         if not self.hparams["projection"]:
             return n * prefix
-        h = self.hparams["projection_hidden"]
-        return n * d + (d * h + h) + (h * prefix + prefix)
+        h = self.hparams["projection_hidden"]  # peft's MLP reads a virtual token as wide as one key
+        return n * width + (width * h + h) + (h * prefix + prefix)
 
 
 @torch.no_grad()
-def word_keys_values(model, n: int, method: str) -> torch.Tensor:
+def word_keys_values(model, n: int) -> torch.Tensor:
     """The frozen model's keys and values for n random vocabulary tokens, in every
-    layer, laid out as peft's flat prefix (n x layers*2*hidden: layer 0's key, its
-    value, layer 1's key, ...): the paper's initialisation from real words."""
-    projections = modules(model, linear_names(model, ("key", "value"), method))  # layer by layer, key then value
+    layer, laid out as peft's flat prefix (n x layers*2*kv width: layer 0's key, its
+    value, layer 1's key, ...): the paper's initialisation from real words. Each is
+    what the layer's k or v projection writes (its part of a fused one, GPT-2's c_attn)."""
+    parts = [block.projection(role) for block in describe(model).blocks for role in ("k", "v")]
     captured = {}
-    hooks = [m.register_forward_hook(lambda m, i, out: captured.__setitem__(m, out[0])) for m in projections]
+    layers = {id(p.module): p.module for p in parts}.values()  # a fused layer computes k and v at once
+    hooks = [m.register_forward_hook(lambda m, i, out: captured.__setitem__(m, out[0])) for m in layers]
     was_training = model.training
     try:
         words = torch.randint(0, model.get_input_embeddings().weight.shape[0], (1, n), device=model.device)
@@ -121,7 +144,11 @@ def word_keys_values(model, n: int, method: str) -> torch.Tensor:
         model.train(was_training)
         for hook in hooks:
             hook.remove()
-    return torch.cat([captured[m] for m in projections], dim=-1)
+    return torch.cat([_own_part(captured[p.module], p) for p in parts], dim=-1)
+
+
+def _own_part(output: torch.Tensor, projection) -> torch.Tensor:
+    return output if projection.indices is None else output[..., projection.indices]
 
 
 def offer_past_key_values(model, method: str) -> None:
@@ -134,16 +161,22 @@ def offer_past_key_values(model, method: str) -> None:
     argument that passes the prefixes on as `cache`: the same keys and values,
     prepended in every layer. Bound to the instance (not a closure), so a deep copy
     calls its own forward."""
-    names = lambda f: inspect.signature(f).parameters
-    if "past_key_values" in names(model.forward) or "past_key_values" in names(model.base_model.forward):
-        return
-    if "cache" not in names(model.base_model.forward):
+    found = _cache_argument(model.base_model)
+    if found is None:  # unsupported() says so before a cell starts
         raise ValueError(
             f"{method}: {type(model.base_model).__name__}.forward takes neither past_key_values nor "
             "cache, so prefixes cannot be prepended to its keys and values"
         )
+    if found == "past_key_values" or "past_key_values" in inspect.signature(model.forward).parameters:
+        return
 
     def forward(self, *args, past_key_values=None, **kwargs):
         return type(self).forward(self, *args, cache=past_key_values, **kwargs)
 
     model.forward = types.MethodType(forward, model)
+
+
+def _cache_argument(backbone) -> str | None:
+    """The name under which the backbone's forward takes a key/value cache: past_key_values, cache, or None."""
+    parameters = inspect.signature(backbone.forward).parameters
+    return next((name for name in ("past_key_values", "cache") if name in parameters), None)
