@@ -17,12 +17,23 @@ nearest, so |x - dequantise(quantise(x))| <= step / 2 for every element.
 `install(model, policy)` swaps in these ops on the model's modules that exist
 when it is called (instance-level `forward`, so module names, state dicts and
 peft's wrappers are untouched):
-- nn.Linear with a trainable weight: its input, for the weight gradient. A
-  frozen Linear needs no saved input at all and is left as is. The three
-  projections q/k/v share one input; it is quantised once and shared.
+- nn.Linear and transformers' Conv1D (GPT-2's layers, weight stored (in, out))
+  with a trainable weight: their input, for the weight gradient. A frozen one
+  needs no saved input at all and is left as is. The three projections q/k/v
+  share one input; it is quantised once and shared.
 - nn.LayerNorm: its input (mean and 1/std are kept exactly, one float per row).
+- RMSNorm (Llama's and its relatives', nn.RMSNorm): its input (1/rms kept
+  exactly, one float per row). Only a norm whose output checks out, on a
+  probe input at install, as weight * x / rms(x) is swapped (Gemma's
+  (1 + weight) form is not, and stays exact); its forward is its own.
 - elementwise activations (GELU and the other transformers.activations
   modules, nn.GELU/ReLU/SiLU): their input, or their derivative f'(x).
+- gated FFNs (Llama's SwiGLU, down(act(gate(x)) * up(x)), gate and up in one
+  fused layer too (Phi-3's), found through harness.anatomy and checked on a
+  probe input at install): the product act(g) * u as one op that keeps g and
+  u (policy "input"), or its two partial derivatives u * act'(g) and act(g)
+  (policy "derivative"), quantised like an activation. Without it the product
+  would keep act(g) and u, two full-width tensors, exact.
 - nn.Dropout: its keep-mask as bits (lossless).
 - attention (through transformers' AttentionInterface, so every model that
   dispatches attention through `config._attn_implementation` is covered):
@@ -35,7 +46,11 @@ peft's wrappers are untouched):
   attention dropout), which stores the probabilities and the mask, and
   against the fused kernels, which store Q, K, V, the output and the softmax
   statistics. Of the padding mask (SDPA's boolean one) it keeps one row per
-  sequence, shared by every layer.
+  sequence, shared by every layer. Grouped-query attention (K and V with fewer
+  heads than Q, Llama's) is kept at the K/V heads and repeated inside the op,
+  as Hugging Face's own attention repeats them; a causal model's attention
+  without a mask (no padding) is causal inside the op, as SDPA's is_causal,
+  and saves no mask.
 Left exact: embedding look-ups (integer ids), the pooler's tanh and the loss,
 and any module type not listed above.
 
@@ -44,6 +59,7 @@ alone (the layout kept on `ctx` holds shapes, not tensors), and the q/k/v
 sharing cache holds weak references only.
 """
 
+import functools
 import math
 import types
 import weakref
@@ -53,14 +69,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.anatomy import describe, norm_kind
+
 
 @dataclass(frozen=True)
 class Policy:
     """Which saved activations are compressed, and to how many bits (None: kept exact)."""
 
-    linear_bits: int | None  # inputs of Linear layers with a trainable weight
-    norm_bits: int | None  # inputs of LayerNorm
-    act_bits: int | None  # elementwise activations (GELU...)
+    linear_bits: int | None  # inputs of Linear (and Conv1D) layers with a trainable weight
+    norm_bits: int | None  # inputs of LayerNorm and RMSNorm
+    act_bits: int | None  # elementwise activations (GELU...) and the gated product of a gated FFN
     act_store: str  # "input": quantise x, recompute f'(x) in backward; "derivative": quantise f'(x)
     qkv_bits: int | None  # Q, K, V as operands of the attention matmuls (probabilities are recomputed)
     pack_dropout: bool  # hidden dropout keep-masks as bits
@@ -206,6 +224,26 @@ class CompressedLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
+class CompressedConv1D(torch.autograd.Function):
+    """transformers' Conv1D, x @ W + b with W stored (in, out), computed as its own forward does (addmm)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, bits, group_size):
+        ctx.x_dtype = x.dtype
+        stored = Stored(x, bits, group_size, quantize_shared(x, bits, group_size) if bits else None)
+        save(ctx, stored, weight)
+        out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)
+        return out.view(*x.shape[:-1], weight.shape[1])
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = load(ctx)
+        grad_x = (g @ weight.to(g.dtype).t()).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        grad_w = _weight_grad(g, x, weight).t() if ctx.needs_input_grad[1] else None
+        grad_b = g.reshape(-1, g.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None, None
+
+
 class CompressedLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, bits, group_size):
@@ -230,6 +268,30 @@ class CompressedLayerNorm(torch.autograd.Function):
         return grad_x.to(ctx.x_dtype), grad_w, grad_b, None, None, None
 
 
+class CompressedRMSNorm(torch.autograd.Function):
+    """y = weight * x / rms(x), the output computed by the norm's own forward (`norm_forward`); saved: x
+    quantised, 1/rms(x) exact (one float per row) and the weight."""
+
+    @staticmethod
+    def forward(ctx, x, weight, norm_forward, eps, bits, group_size):
+        out = norm_forward(x)
+        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+        ctx.x_dtype = x.dtype
+        save(ctx, Stored(x, bits, group_size), rstd, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, rstd, weight = load(ctx)
+        xhat = x.float() * rstd
+        g = g.float()
+        gw = g * weight.float()
+        grad_x = rstd * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))
+        lead = tuple(range(g.dim() - 1))
+        grad_w = (g * xhat).sum(lead).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x.to(ctx.x_dtype), grad_w, None, None, None, None
+
+
 class CompressedActivation(torch.autograd.Function):
     """Any elementwise f: save quantised x (recompute f'(x) in backward) or quantised f'(x)."""
 
@@ -248,6 +310,32 @@ class CompressedActivation(torch.autograd.Function):
         (saved,) = load(ctx)
         derivative = saved if ctx.store == "derivative" else _value_and_derivative(ctx.fn, saved)[1]
         return g * derivative.to(g.dtype), None, None, None, None
+
+
+class GatedProduct(torch.autograd.Function):
+    """A gated FFN's act(g) * u in one op. store "input": save g and u quantised, recompute act and act' from g
+    in backward. store "derivative": save the product's partial derivatives u * act'(g) (for g) and act(g)
+    (for u), quantised: all backward needs, and no more tensors than the inputs."""
+
+    @staticmethod
+    def forward(ctx, g, u, fn, store, bits, group_size):
+        ctx.fn, ctx.store = fn, store
+        if store == "derivative":
+            value, derivative = _value_and_derivative(fn, g)
+            save(ctx, Stored(u.detach() * derivative, bits, group_size), Stored(value, bits, group_size))
+            return value * u
+        save(ctx, Stored(g, bits, group_size), Stored(u, bits, group_size))
+        return fn(g) * u
+
+    @staticmethod
+    def backward(ctx, grad):
+        first, second = load(ctx)
+        if ctx.store == "derivative":
+            d_g, d_u = first, second
+        else:
+            value, derivative = _value_and_derivative(ctx.fn, first)
+            d_g, d_u = second * derivative, value
+        return grad * d_g.to(grad.dtype), grad * d_u.to(grad.dtype), None, None, None, None
 
 
 def _value_and_derivative(fn, x):
@@ -304,26 +392,52 @@ def _dropout_keep(shape, p: float, seed: int, device) -> torch.Tensor:
     return torch.empty(shape, device=device).bernoulli_(1 - p, generator=generator).bool()
 
 
-def _probabilities(q, k, mask, scaling, p, seed):
+def _causal_mask(q_len: int, k_len: int, device) -> torch.Tensor:
+    """True where a query may attend: keys up to its own position (the last q_len of k_len, as SDPA's is_causal
+    aligns them when k_len > q_len)."""
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+
+
+def _probabilities(q, k, mask, scaling, p, seed, causal=False):
     """softmax(QK^T * scaling + mask) in fp32, and the same after dropout (the two are one tensor if p == 0)."""
+    if causal:
+        mask = _causal_mask(q.shape[-2], k.shape[-2], q.device)
     probs = torch.softmax(_masked_scores(q.float(), k.float(), mask, scaling), dim=-1)
     if p == 0:
         return probs, probs
     return probs, probs * _dropout_keep(probs.shape, p, seed, probs.device) / (1 - p)
 
 
+def _repeat_heads(x: torch.Tensor, repeats: int) -> torch.Tensor:
+    """Grouped-query attention: each of K's or V's heads serves `repeats` consecutive query heads (Hugging
+    Face's repeat_kv)."""
+    return x if repeats == 1 else x.repeat_interleave(repeats, dim=1)
+
+
+def _sum_heads(grad: torch.Tensor, repeats: int) -> torch.Tensor:
+    """The gradient of `_repeat_heads`: the query heads' gradients summed back onto the K/V head they share."""
+    if repeats == 1:
+        return grad
+    b, h, *rest = grad.shape
+    return grad.view(b, h // repeats, repeats, *rest).sum(2)
+
+
 class CompressedAttention(torch.autograd.Function):
     """softmax(QK^T * scaling + mask), dropout, @V in one op. Saved: Q, K, V (quantised per the
     policy) and the mask; the probabilities are recomputed in backward from the restored Q and K,
-    and the dropout mask is redrawn from its seed, as fused attention kernels do."""
+    and the dropout mask is redrawn from its seed, as fused attention kernels do. K and V may have
+    fewer heads than Q (grouped-query attention): they are saved so and repeated inside. `causal`
+    (with no mask) masks future keys inside, saving nothing for it."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, scaling, p, policy):
+    def forward(ctx, q, k, v, mask, scaling, p, policy, causal=False):
         # The seed comes from the global generator, so a seeded run draws the same masks.
         seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
-        _, dropped = _probabilities(q, k, mask, scaling, p, seed)
-        out = torch.matmul(dropped.to(v.dtype), v)
+        repeats = q.shape[1] // k.shape[1]
+        _, dropped = _probabilities(q, _repeat_heads(k, repeats), mask, scaling, p, seed, causal)
+        out = torch.matmul(dropped.to(v.dtype), _repeat_heads(v, repeats))
         ctx.scaling, ctx.p, ctx.seed, ctx.dtypes = scaling, p, seed, (q.dtype, k.dtype, v.dtype)
+        ctx.repeats, ctx.causal = repeats, causal
         g = policy.group_size
         save(
             ctx,
@@ -337,7 +451,8 @@ class CompressedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_out):
         q, k, v, mask = load(ctx)
-        probs, dropped = _probabilities(q, k, mask, ctx.scaling, ctx.p, ctx.seed)
+        k, v = _repeat_heads(k, ctx.repeats), _repeat_heads(v, ctx.repeats)
+        probs, dropped = _probabilities(q, k, mask, ctx.scaling, ctx.p, ctx.seed, ctx.causal)
         g_out = g_out.float()
         grad_v = torch.matmul(dropped.transpose(-1, -2), g_out)
         grad_dropped = torch.matmul(g_out, v.float().transpose(-1, -2))
@@ -345,8 +460,9 @@ class CompressedAttention(torch.autograd.Function):
         grad_scores = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True)) * ctx.scaling
         grad_q = torch.matmul(grad_scores, k.float())
         grad_k = torch.matmul(grad_scores.transpose(-1, -2), q.float())
+        grad_k, grad_v = _sum_heads(grad_k, ctx.repeats), _sum_heads(grad_v, ctx.repeats)
         q_dtype, k_dtype, v_dtype = ctx.dtypes
-        return grad_q.to(q_dtype), grad_k.to(k_dtype), grad_v.to(v_dtype), None, None, None, None
+        return grad_q.to(q_dtype), grad_k.to(k_dtype), grad_v.to(v_dtype), None, None, None, None, None
 
 
 # --------------------------------------------------------------------- installing the ops
@@ -355,13 +471,23 @@ class CompressedAttention(torch.autograd.Function):
 def _attention_function(policy: Policy):
     """An AttentionInterface function: the compressed op when a graph is built, SDPA otherwise."""
 
-    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, is_causal=None, **kwargs):
         scaling = query.size(-1) ** -0.5 if scaling is None else scaling
+        # as transformers' SDPA attention: causal when the module is and no mask was built (no padding)
+        is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+        causal = bool(is_causal) and attention_mask is None and query.shape[2] > 1
         if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
-            out = CompressedAttention.apply(query, key, value, attention_mask, scaling, dropout, policy)
+            out = CompressedAttention.apply(query, key, value, attention_mask, scaling, dropout, policy, causal)
         else:
+            repeats = query.shape[1] // key.shape[1]
             out = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling
+                query,
+                _repeat_heads(key, repeats),
+                _repeat_heads(value, repeats),
+                attn_mask=attention_mask,
+                dropout_p=dropout,
+                scale=scaling,
+                is_causal=causal,
             )
         return out.transpose(1, 2).contiguous(), None
 
@@ -389,6 +515,101 @@ def _is_activation(module: nn.Module) -> bool:
     return type(module).__module__ == "transformers.activations"
 
 
+def _conv1d_class():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return Conv1D
+
+
+def _probe(width: int, like: torch.Tensor, rows: int = 3) -> torch.Tensor:
+    """A fixed input of `rows` x `width` values of varied size and sign, drawn from no generator (so installing
+    changes no run's random numbers)."""
+    steps = torch.arange(rows * width, dtype=torch.float32, device=like.device)
+    return (torch.sin(steps * 0.7) * (1 + steps % 5)).reshape(rows, width).to(like.dtype)
+
+
+def _rms_eps(module: nn.Module) -> float | None:
+    """The epsilon of an RMSNorm whose forward is weight * x / sqrt(mean(x^2) + eps) (checked on a probe input),
+    else None: another form (Gemma's (1 + weight)) gets no compressed backward."""
+    weight = getattr(module, "weight", None)
+    if norm_kind(module) != "rmsnorm" or not isinstance(weight, nn.Parameter) or weight.dim() != 1:
+        return None
+    if "forward" in vars(module) or weight.is_meta:  # swapped already (its forward is not its class's), or no data
+        return None
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    eps = torch.finfo(weight.dtype).eps if eps is None else float(eps)
+    x = _probe(weight.shape[0], weight)
+    with torch.no_grad():
+        try:
+            out = type(module).forward(module, x)  # the class's forward: what the patched one computes
+        except Exception:  # a norm that wants more than one tensor is no plain RMSNorm
+            return None
+        xf = x.float()
+        expected = weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    same = isinstance(out, torch.Tensor) and out.shape == expected.shape
+    return eps if same and torch.allclose(out.float(), expected.float(), rtol=1e-4, atol=1e-5) else None
+
+
+def _gated_ffns(model: nn.Module) -> list[tuple[nn.Module, tuple[str, str, str, str], tuple[slice, slice] | None]]:
+    """(ffn module, names of its gate, up, down and activation children, and where gate and up lie in the output
+    of a fused gate/up layer (Phi-3's), else None) of each block whose FFN computes down(act(gate(x)) * up(x)),
+    found through harness.anatomy and checked on a probe input; [] for a model harness.anatomy does not
+    describe."""
+    from transformers import PreTrainedModel
+
+    # the transformers model itself, also inside a wrapper (peft's, when stacked after LoRA)
+    model = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), model)
+    try:
+        blocks = describe(model).blocks
+    except (ValueError, AttributeError):  # not a transformers model with a head (a bare module in a test)
+        return []
+    found = []
+    for block in blocks:
+        if not block.gated:
+            continue
+        gate, up, down = (block.projections[r] for r in ("ffn_gate", "ffn_in", "ffn_out"))
+        fused = gate.fused is not None and gate.fused is up.fused
+        if (gate.fused is not None or up.fused is not None) and not fused:
+            continue
+        try:
+            parts = (gate.part, up.part) if fused else None
+        except ValueError:  # the two halves interleaved: no slice of the output holds one of them
+            continue
+        paths = [gate.path, up.path, down.path]
+        parent = paths[0].rpartition(".")[0]
+        if any(p.rpartition(".")[0] != parent for p in paths) or "forward" in vars(model.get_submodule(parent)):
+            continue
+        ffn = model.get_submodule(parent)
+        activations = [name for name, c in ffn.named_children() if _is_activation(c)]
+        weight = next(ffn.parameters())
+        if len(activations) != 1 or weight.is_meta:
+            continue
+        names = (*(p.rpartition(".")[2] for p in paths), activations[0])
+        x = _probe(up.in_features, weight)
+        with torch.no_grad():
+            if torch.equal(type(ffn).forward(ffn, x), _gated_ffn(ffn, names, parts, x, None, None, None)):
+                found.append((ffn, names, parts))
+    return found
+
+
+def _gated_ffn(ffn: nn.Module, names, parts, x, store, bits, group_size):
+    """down(act(gate(x)) * up(x)), the product compressed when `bits` is set and a graph is built. `parts`: the
+    gate's and the up projection's features in one fused layer's output. The activation's class forward, since
+    install may swap the module's own for a compressed one."""
+    gate, up, down, act = (getattr(ffn, name) for name in names)
+    if parts is None:
+        g, u = gate(x), up(x)
+    else:
+        both = gate(x)
+        g, u = both[..., parts[0]], both[..., parts[1]]
+    act_fn = functools.partial(type(act).forward, act)
+    if bits and torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
+        return down(GatedProduct.apply(g, u, act_fn, store, bits, group_size))
+    return down(act_fn(g) * u)
+
+
 def _patch(module: nn.Module, forward) -> None:
     module.forward = types.MethodType(forward, module)
 
@@ -402,12 +623,39 @@ def _linear_forward(bits, group_size):
     return forward
 
 
+def _conv1d_forward(bits, group_size):
+    def forward(self, x):
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return CompressedConv1D.apply(x, self.weight, self.bias, bits, group_size)
+        return type(self).forward(self, x)  # a frozen weight needs no saved input
+
+    return forward
+
+
 def _norm_forward(bits, group_size):
     def forward(self, x):
         params = [t for t in (x, self.weight, self.bias) if t is not None]
         if torch.is_grad_enabled() and any(t.requires_grad for t in params):
             return CompressedLayerNorm.apply(x, self.weight, self.bias, self.eps, bits, group_size)
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    return forward
+
+
+def _rms_norm_forward(eps, bits, group_size):
+    def forward(self, x):
+        # the class's forward, looked up on self: a deep copy of the model then uses the copy's weight
+        own = functools.partial(type(self).forward, self)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return CompressedRMSNorm.apply(x, self.weight, own, eps, bits, group_size)
+        return own(x)
+
+    return forward
+
+
+def _gated_ffn_forward(names, parts, store, bits, group_size):
+    def forward(self, x):
+        return _gated_ffn(self, names, parts, x, store, bits, group_size)
 
     return forward
 
@@ -429,12 +677,29 @@ def _dropout_forward(self, x):
 
 def install(model: nn.Module, policy: Policy) -> dict:
     """Swap compressed ops into `model` in place; returns how many modules of each kind were covered."""
-    counts = {"linear": 0, "layernorm": 0, "activation": 0, "dropout": 0, "attention": 0}
+    counts = {
+        "linear": 0,
+        "conv1d": 0,
+        "layernorm": 0,
+        "rmsnorm": 0,
+        "activation": 0,
+        "gated_ffn": 0,
+        "dropout": 0,
+        "attention": 0,
+    }
+    if policy.act_bits:
+        for ffn, names, parts in _gated_ffns(model):
+            _patch(ffn, _gated_ffn_forward(names, parts, policy.act_store, policy.act_bits, policy.group_size))
+            counts["gated_ffn"] += 1
+    conv1d = _conv1d_class()
     for module in model.modules():
         kind = type(module)
         if policy.linear_bits and isinstance(module, nn.Linear) and kind.forward is nn.Linear.forward:
             _patch(module, _linear_forward(policy.linear_bits, policy.group_size))
             counts["linear"] += 1
+        elif policy.linear_bits and conv1d is not None and kind is conv1d and isinstance(module.bias, torch.Tensor):
+            _patch(module, _conv1d_forward(policy.linear_bits, policy.group_size))
+            counts["conv1d"] += 1
         elif (
             policy.norm_bits
             and isinstance(module, nn.LayerNorm)
@@ -443,6 +708,9 @@ def install(model: nn.Module, policy: Policy) -> dict:
         ):
             _patch(module, _norm_forward(policy.norm_bits, policy.group_size))
             counts["layernorm"] += 1
+        elif policy.norm_bits and (eps := _rms_eps(module)) is not None:
+            _patch(module, _rms_norm_forward(eps, policy.norm_bits, policy.group_size))
+            counts["rmsnorm"] += 1
         elif policy.act_bits and _is_activation(module):
             _patch(module, _activation_forward(module.forward, policy.act_store, policy.act_bits, policy.group_size))
             counts["activation"] += 1

@@ -4,10 +4,13 @@ Pan, Chen, He, Liu, Cai & Zhuang, "Mesa: A Memory-saving Training Framework
 for Transformers", arXiv:2111.11124, 2021.
 
 What is compressed (see methods/_activation_compression.py): the inputs of
-every Linear with a trainable weight, of every LayerNorm and of the GELU, and
-the attention's Q, K and V, all at 8 bits; hidden dropout masks as bits.
+every Linear (and GPT-2's Conv1D) with a trainable weight, of every LayerNorm
+and RMSNorm and of the GELU (any elementwise activation), the two operands of
+a gated FFN's product, and the attention's Q, K and V, all at 8 bits; hidden
+dropout masks as bits.
 Left exact: integer token ids saved by the embedding look-ups, the pooler's
-tanh output and the loss's inputs (a few hundred bytes per example).
+tanh output and the loss's inputs (a few hundred bytes per example); on ViT
+also the image its patch embedding (a Conv2d) reads.
 
 Trainable: nothing is added or frozen. Alone, every weight is trained (full
 fine-tuning with compressed activations); stacked after another method
@@ -34,6 +37,17 @@ Departures from the paper:
 - Hidden dropout masks stored as bits are an addition (lossless); Mesa leaves
   them to the framework.
 - No custom CUDA kernels: quantisation is plain PyTorch, slower than Mesa's.
+
+Beyond the vision transformers (DeiT, Swin) the paper compressed:
+- RMSNorm (Llama and its relatives): its input at 8 bits, 1/rms exact, as
+  Mesa treats LayerNorm; only a norm that is weight * x / rms(x) (checked at
+  install) is swapped.
+- Gated FFNs (SwiGLU): act(g) * u is one op keeping g and u at 8 bits (act and
+  its derivative recomputed from g); Mesa's models had a plain GELU FFN.
+- Grouped-query attention: K and V are kept at their own (fewer) heads.
+- DeBERTa's disentangled attention does not go through transformers'
+  attention interface: there Q, K, V and the probabilities stay exact (its
+  Linear layers, norms, GELU and dropout are compressed).
 """
 
 from harness.method import Method, count_trainable
@@ -66,8 +80,8 @@ class Mesa(Method):
 
     def apply(self, model, task):
         counts = install(model, self.policy())
-        if not counts["linear"] and not counts["layernorm"]:
-            raise ValueError("mesa found no Linear or LayerNorm module to compress")
+        if not any(counts[kind] for kind in ("linear", "conv1d", "layernorm", "rmsnorm")):
+            raise ValueError("mesa found no Linear, Conv1D, LayerNorm or RMSNorm module to compress")
         return model
 
     def expected_trainable_params(self, model, task):

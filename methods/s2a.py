@@ -19,8 +19,12 @@ What is compressed (see methods/_activation_compression.py):
   backward from the (exact) Q and K, and the attention-dropout mask is redrawn
   from a saved seed, as fused attention kernels do (see below).
 - hidden dropout masks as bits (lossless).
-Left exact: the inputs of parametric operations (Linear, LayerNorm), the
-attention's Q, K, V matmul operands, the embedding ids.
+- a gated FFN's product act(g) * u (SwiGLU: Llama and its relatives), also a
+  non-parametric op: its two partial derivatives, u * act'(g) and act(g), at
+  4 bits, all its backward needs.
+Left exact: the inputs of parametric operations (Linear, Conv1D, LayerNorm,
+RMSNorm), the attention's Q, K, V matmul operands (grouped-query attention
+keeps K and V at their own heads), the embedding ids.
 
 Trainable: nothing is added or frozen; alone it is full fine-tuning with these
 activations compressed; in a stack it must come last (it compresses the modules
@@ -37,6 +41,12 @@ Departures from the paper (its quantiser is only summarised as
   here the attention matmuls, softmax and dropout are one op that recomputes
   the probabilities in backward instead: S2A then saves less than full
   fine-tuning on every SDPA backend.
+- Gated FFNs (our reading; the paper describes no gated product): the
+  product's partial derivatives are stored as S2A stores an activation's
+  derivative; u * act'(g) has no narrow range of its own, so its 4 bits rest
+  on the per-group range.
+- DeBERTa's disentangled attention does not go through transformers'
+  attention interface: its softmax stays as autograd keeps it.
 """
 
 from harness.method import Method, count_trainable

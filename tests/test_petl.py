@@ -281,19 +281,3 @@ def test_dept_trains_prompt_and_low_rank_pair_at_two_rates():
     slow = {id(p) for p in groups[1]["params"]}
     assert {id(model.lora_a), id(model.lora_b), id(model.model.classifier.weight)} <= slow
     assert torch.count_nonzero(model.lora_a @ model.lora_b) == 0  # embeddings unchanged at step 0
-
-
-def test_bert_only_methods_refuse_other_architectures():
-    from transformers import DistilBertConfig, DistilBertForSequenceClassification
-
-    from harness.errors import UserError
-
-    task = toy_task()
-    other = DistilBertForSequenceClassification(
-        DistilBertConfig(vocab_size=96, dim=32, n_layers=1, n_heads=2, hidden_dim=64)
-    )
-    # (IA)^3, DoRA and the other target-taking methods find their layers by role (tests/test_targets.py).
-    # PASTA finds its blocks through harness.anatomy (tests/test_generic_prompts.py).
-    for name in ("houlsby", "pfeiffer", "parallel_adapter"):
-        with pytest.raises(UserError, match="not a BERT-family encoder"):
-            registry()[name]().apply(copy.deepcopy(other), task)
