@@ -45,7 +45,7 @@ from torch import nn
 ROLES = ("q", "k", "v", "o", "ffn_in", "ffn_gate", "ffn_out")
 READS = ("first", "last", "pooler")
 
-# Today's BERT names (methods/_bert.py's short names and paths inside one layer) -> role.
+# Today's BERT names (the short names suites use, and paths inside one BERT layer) -> role.
 ALIASES = MappingProxyType(
     {
         "query": "q",

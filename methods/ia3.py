@@ -39,7 +39,7 @@ class IA3(PeftMethod):
     )
     trains = "scaling vectors on key, value, FFN inner activation + head"
     default_lr = 3e-3
-    # names from methods/_bert.py; "output" is the FFN's output projection, whose *input* is rescaled
+    # BERT short names for roles (methods/_targets.py); "output" is the FFN output projection, its *input* rescaled
     defaults = {"target_modules": ["key", "value", "output"], "feedforward_modules": ["output"]}
 
     def check_hparams(self):
