@@ -26,6 +26,7 @@ from methods.lora import LoRA
 from tests.conftest import no_dropout, toy_task
 from tests.test_anatomy import UNNAMED
 from tests.test_families import batch_for
+from tests.test_metl_compress import step
 
 TASK = toy_task()
 FAMILIES = list(BUILDERS)
@@ -238,14 +239,9 @@ def test_rmsnorm_conv1d_and_gated_product_get_autograd_s_gradients_with_exact_st
 
 
 def one_step(model, batch):
-    model.train()
-    model.zero_grad(set_to_none=True)
-    counter = SavedTensorCounter(model)
-    with counter:
-        out = model(**batch)
-        out.loss.backward()
-    grads = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
-    return out.logits.detach(), grads, counter.last
+    """test_metl_compress.step, with every parameter's gradient in one vector (for one cosine)."""
+    logits, grads, saved = step(model, batch)
+    return logits, torch.cat([g.reshape(-1) for g in grads.values()]), saved
 
 
 @pytest.mark.parametrize("padding", [True, False], ids=["padded", "unpadded"])
