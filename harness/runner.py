@@ -50,7 +50,7 @@ def unsupported_cells(suite: Suite, cells: list[Cell]) -> dict[str, str]:
     harness.anatomy cannot describe refuses nothing here: methods that need the layout say so in their cell."""
     anatomies, reasons = {}, {}
     for cell in cells:
-        kind = (cell.task.type, cell.task.num_labels)
+        kind = (cell.task.modality, cell.task.type, cell.task.num_labels)  # what decides the head
         if kind not in anatomies:
             model = backbone.skeleton(suite.backbone, cell.task)
             try:
