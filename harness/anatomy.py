@@ -95,6 +95,13 @@ def _conv1d_class():
     return Conv1D
 
 
+def transformers_model(module: nn.Module) -> nn.Module | None:
+    """The outermost transformers model inside `module` (itself, or under a wrapper such as peft's), else None."""
+    from transformers import PreTrainedModel
+
+    return next((m for m in module.modules() if isinstance(m, PreTrainedModel)), None)
+
+
 def is_linear(module: nn.Module) -> bool:
     """nn.Linear, transformers' Conv1D, or a wrapper (peft) holding one as `base_layer`."""
     conv1d = _conv1d_class()

@@ -82,9 +82,9 @@ def _fast_key(t: torch.Tensor):
 
 def attention_implementation(model: torch.nn.Module) -> str | None:
     """The attention implementation the (first) transformers model inside `model` dispatches to."""
-    from transformers import PreTrainedModel
+    from harness.anatomy import transformers_model
 
-    top = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    top = transformers_model(model)
     return getattr(top.config, "_attn_implementation", None) if top is not None else None
 
 

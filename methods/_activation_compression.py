@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.anatomy import describe, norm_kind
+from harness.anatomy import describe, norm_kind, transformers_model
 
 
 @dataclass(frozen=True)
@@ -496,13 +496,13 @@ def _attention_function(policy: Policy):
 
 def _set_attention(model: nn.Module, policy: Policy) -> bool:
     """Register the compressed attention under a name that encodes the policy and switch the model to it."""
-    from transformers import AttentionInterface, PreTrainedModel
+    from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     name = f"compressed_q{policy.qkv_bits or 32}_g{policy.group_size}"
     AttentionInterface.register(name, _attention_function(policy))
     AttentionMaskInterface.register(name, sdpa_mask)  # boolean (1 byte a pair), or None without padding
-    top = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    top = transformers_model(model)
     if top is None:
         return False
     top.set_attn_implementation(name)
@@ -557,10 +557,7 @@ def _gated_ffns(model: nn.Module) -> list[tuple[nn.Module, tuple[str, str, str, 
     of a fused gate/up layer (Phi-3's), else None) of each block whose FFN computes down(act(gate(x)) * up(x)),
     found through harness.anatomy and checked on a probe input; [] for a model harness.anatomy does not
     describe."""
-    from transformers import PreTrainedModel
-
-    # the transformers model itself, also inside a wrapper (peft's, when stacked after LoRA)
-    model = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), model)
+    model = transformers_model(model) or model  # also inside a wrapper (peft's, when stacked after LoRA)
     try:
         blocks = describe(model).blocks
     except (ValueError, AttributeError):  # not a transformers model with a head (a bare module in a test)

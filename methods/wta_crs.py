@@ -82,7 +82,7 @@ configs under seq2seq/configs/approx_linear/), and where this one departs:
 import torch
 import torch.nn.functional as F
 
-from harness.anatomy import describe
+from harness.anatomy import describe, transformers_model
 from harness.method import Method, count_trainable, head_parameters
 from methods._targets import check_targets
 
@@ -200,9 +200,7 @@ class WTACRS(Method):
     @staticmethod
     def backbone(model):
         """The Hugging Face model inside `model` (the outermost one), or `model` itself."""
-        from transformers import PreTrainedModel
-
-        return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), model)
+        return transformers_model(model) or model
 
     def targets(self, model):
         """Trainable linear layers (plain nn.Linear or Conv1D, not a wrapper) of the backbone, not of its task
