@@ -1,70 +1,175 @@
-"""Building blocks for methods that keep a pretrained encoder frozen and out of
-the autograd graph (side and parallel networks): the encoder's hidden states
-computed under `torch.no_grad`, the attention mask its layers take, a fresh
-classification head, and the task loss exactly as Hugging Face's
-sequence-classification models compute it.
+"""Building blocks for methods that keep a pretrained backbone frozen and out of
+the autograd graph (side and parallel networks): the backbone's hidden states
+computed by its own forward under `torch.no_grad`, the way it calls its blocks
+(so chosen blocks can run again on other inputs), a fresh classification head
+that reads where the backbone's own head reads, and the task loss exactly as
+Hugging Face's sequence-classification models compute it.
+
+Any family harness.anatomy describes works: the hidden states are the inputs
+and outputs of the blocks the anatomy found, caught by hooks while the base
+model runs its own forward (its embeddings, masks, rotary or relative
+positions, patch embedding), and the forward stops after the last block
+needed; nothing of the backbone's layout is spelled out here.
 
 A method built on `FrozenBackboneClassifier` splits its forward in two, and
 tests rest on the split: `frozen_features` (no graph, nothing saved for
 backward, no gradient) and `trainable_path` (everything back-propagated).
 """
 
+import inspect
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from harness.anatomy import Anatomy, describe
 from harness.backbone import masked_mean
 
 POOLINGS = ("cls", "mean")
 
 
-def encoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The transformer layers of a BERT-style encoder (base_model.embeddings + base_model.encoder.layer)."""
-    base = model.base_model
-    layers = getattr(getattr(base, "encoder", None), "layer", None)
-    if not isinstance(layers, nn.ModuleList) or not hasattr(base, "embeddings"):
-        raise ValueError(
-            f"{type(model).__name__} is not a BERT-style encoder (base_model.embeddings and "
-            "base_model.encoder.layer); this method supports BERT-family backbones only"
-        )
-    return layers
+@dataclass(frozen=True)
+class BlockCall:
+    """The arguments a backbone passes to one of its blocks besides the hidden states (masks, rotary position
+    embeddings, relative positions...), caught from its own forward."""
+
+    args: tuple
+    kwargs: dict
+
+    def run(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """`block` on `hidden`, called as the backbone calls its blocks; its output hidden states."""
+        if "hidden_states" in self.kwargs:
+            out = block(*self.args, **{**self.kwargs, "hidden_states": hidden})
+        else:
+            out = block(hidden, *self.args[1:], **self.kwargs)
+        return out[0] if isinstance(out, tuple) else out
 
 
-def layer_mask(config, hidden: torch.Tensor, attention_mask: torch.Tensor):
-    """The (batch, length) 0/1 padding mask in the form the encoder's layers take for `config`'s attention
-    implementation (eager: additive float, sdpa: boolean or None when nothing is padded)."""
-    try:
-        from transformers.masking_utils import create_bidirectional_mask
-    except ImportError:  # transformers 4.x: layers take the additive (batch, 1, 1, length) mask
-        return (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
-    return create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask)
+class _Enough(Exception):
+    """Raised inside the backbone's forward once the blocks asked for have run."""
 
 
-def run_layer(layer: nn.Module, hidden: torch.Tensor, mask) -> torch.Tensor:
-    out = layer(hidden, mask)
-    return out[0] if isinstance(out, tuple) else out  # transformers 4.x layers return a tuple
+@dataclass
+class FrozenStates:
+    """[input of block 0 (the embedding output), output of block 0, ..., output of block n - 1] and the call
+    the backbone made to block n (or to block n - 1 when n is all of them)."""
+
+    hidden: list
+    call: BlockCall
+
+
+def model_inputs(base: nn.Module, inputs: dict) -> dict:
+    """The batch as the base model takes it: no labels, and no cache built (training has no use for one)."""
+    inputs = {k: v for k, v in inputs.items() if k != "labels" and v is not None}
+    if "use_cache" in inspect.signature(base.forward).parameters:
+        inputs["use_cache"] = False
+    return inputs
 
 
 @torch.no_grad()
-def frozen_hidden_states(model, input_ids, attention_mask, token_type_ids=None, num_layers=None) -> list[torch.Tensor]:
-    """[embedding output, output of layer 1, ..., output of layer `num_layers` (all by default)], computed
-    under torch.no_grad: the backbone builds no graph and saves nothing for backward, whatever its
-    parameters' requires_grad says."""
-    base = model.base_model
-    hidden = base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-    mask = layer_mask(model.config, hidden, attention_mask)
-    states = [hidden]
-    for layer in encoder_layers(model)[:num_layers]:
-        hidden = run_layer(layer, hidden, mask)
-        states.append(hidden)
-    return states
+def frozen_states(anatomy: Anatomy, inputs: dict, num_blocks: int | None = None) -> FrozenStates:
+    """The hidden states around the first `num_blocks` blocks (all by default), from the base model's own forward
+    under torch.no_grad: the backbone builds no graph and saves nothing for backward, whatever its parameters'
+    requires_grad says. The forward stops once they are known; the blocks after them, the final norm, pooler
+    and head do not run."""
+    blocks = [b.module for b in anatomy.blocks]
+    n = len(blocks) if num_blocks is None else num_blocks
+    hidden, calls = [], {}
+
+    def before(i):
+        def hook(module, args, kwargs):
+            calls[i] = BlockCall(args, kwargs)
+            if i == 0:
+                hidden.append(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+            if i == n:
+                raise _Enough
+
+        return hook
+
+    def after(i):
+        def hook(module, args, kwargs, output):
+            hidden.append(output[0] if isinstance(output, tuple) else output)
+            if i == n - 1 == len(blocks) - 1:
+                raise _Enough
+
+        return hook
+
+    handles = [b.register_forward_pre_hook(before(i), with_kwargs=True) for i, b in enumerate(blocks[: n + 1])]
+    handles += [b.register_forward_hook(after(i), with_kwargs=True) for i, b in enumerate(blocks[:n])]
+    base = anatomy.base.module
+    try:
+        base(**model_inputs(base, inputs))
+    except _Enough:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(hidden) != n + 1:
+        raise RuntimeError(f"the backbone's forward ran {len(hidden) - 1} of the {n} blocks asked for")
+    return FrozenStates(hidden, calls[min(n, len(blocks) - 1)])
 
 
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:
-    """(batch, length, width) -> (batch, width): the first ([CLS]) token, or the mean over non-padding tokens."""
-    if how == "cls":
-        return hidden[:, 0]
-    return masked_mean(hidden, attention_mask)
+def token_mask(attention_mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
+    """The (batch, length) 0/1 mask of real tokens; every position is real when there is none (image patches)."""
+    if attention_mask is None:
+        return torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+    return attention_mask
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str, reads: str = "first") -> torch.Tensor:
+    """(batch, length, width) -> (batch, width). 'cls': the position the backbone's own head reads (`reads`: the
+    first token, [CLS], or a decoder's last real token); 'mean': the mean over real tokens (also what 'cls' gives
+    for a head that reads no one position)."""
+    if how == "mean" or reads == "pooler":
+        return masked_mean(hidden, attention_mask)
+    if reads == "last":  # the rightmost real token, whichever side the padding is on
+        positions = torch.arange(hidden.shape[1], device=hidden.device)
+        last = (attention_mask.to(torch.long) * (positions + 1)).argmax(1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return hidden[:, 0]
+
+
+# Where configs keep the dropout before their classifier, in the order transformers' heads read them.
+_HEAD_DROPOUT = (
+    "classifier_dropout",
+    "hidden_dropout_prob",
+    "seq_classif_dropout",
+    "summary_first_dropout",
+    "hidden_dropout",
+    "dropout",
+)
+
+
+def head_dropout(config) -> float:
+    """The dropout probability the family's own classifier uses (0 for families without one, Llama's)."""
+    for name in _HEAD_DROPOUT:
+        value = getattr(config, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return 0.0
+
+
+def bert_layout_missing(anatomy) -> str | None:
+    """Why a method that still calls BERT's layer sub-modules by name cannot run on this backbone; None on BERT-style
+    blocks. (#14: vqt, lst and tokentune are to be moved onto harness.anatomy's roles, which removes this.)"""
+    block = anatomy.blocks[0].module
+    parts = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output", "intermediate")
+    missing = [p for p in (*parts, "output") if not _has(block, p)]
+    if missing or anatomy.causal or getattr(anatomy.blocks[0].attention.module, "scaling", None) is None:
+        return (
+            f"this method calls the sub-modules of BERT-style blocks ({', '.join(parts)}, output; bidirectional "
+            f"attention with plain scaled dot products); {type(block).__name__} of {anatomy.family} is not one"
+        )
+    return None
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 class ClassifierHead(nn.Module):
@@ -72,8 +177,7 @@ class ClassifierHead(nn.Module):
 
     def __init__(self, in_features: int, config):
         super().__init__()
-        dropout = getattr(config, "classifier_dropout", None)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
+        self.dropout = nn.Dropout(head_dropout(config))
         self.linear = nn.Linear(in_features, config.num_labels)
         nn.init.normal_(self.linear.weight, std=getattr(config, "initializer_range", 0.02))
         nn.init.zeros_(self.linear.bias)
@@ -108,48 +212,45 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config) -> t
 
 
 class FrozenBackboneClassifier(nn.Module):
-    """forward(**batch) = trainable_path(frozen_features(...)) -> SequenceClassifierOutput(loss, logits).
+    """forward(**batch) = trainable_path(frozen_features(batch), mask) -> SequenceClassifierOutput(loss, logits).
 
     `self.model` is the Hugging Face model the method was applied to; its weights stay where they are
-    (so the meter counts them as frozen) and its own head goes unused.
+    (so the meter counts them as frozen) and its own head goes unused. `self.anatomy` is its layout.
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
         self.config = model.config
+        self.anatomy = describe(model)
 
-    def frozen_features(self, input_ids, attention_mask, token_type_ids=None):
-        """Everything computed from the frozen backbone, without a graph."""
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:
+        return pool(hidden, attention_mask, how, self.anatomy.head.reads)
+
+    def frozen_features(self, inputs: dict):
+        """Everything computed from the frozen backbone, without a graph; `inputs` is the batch."""
         raise NotImplementedError
 
     def trainable_path(self, features, attention_mask) -> torch.Tensor:
-        """Logits from the frozen features; the only part that is back-propagated."""
+        """Logits from the frozen features (`attention_mask` None: every position is real); the only part that
+        is back-propagated."""
         raise NotImplementedError
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, **unused):
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        features = self.frozen_features(input_ids, attention_mask, token_type_ids)
-        logits = self.trainable_path(features, attention_mask)
+    def forward(self, labels=None, **inputs):
+        features = self.frozen_features(inputs)
+        logits = self.trainable_path(features, inputs.get("attention_mask"))
         loss = classification_loss(logits, labels, self.config) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
-def init_like_bert(module: nn.Module, std: float) -> None:
-    """Linear weights ~ N(0, std) with zero biases, LayerNorms at identity: how BERT initialises new layers."""
+def init_fresh(module: nn.Module, std: float) -> None:
+    """Linear weights ~ N(0, std) with zero biases, norms at identity: how transformers initialises new layers."""
+    from harness.anatomy import is_linear, norm_kind
+
     for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
-def bert_layer_size(hidden: int, intermediate: int) -> int:
-    """Parameters of one BERT layer of this width, from the shapes alone."""
-    attention = 4 * (hidden * hidden + hidden) + 2 * hidden  # q, k, v, output dense; LayerNorm
-    feed_forward = (hidden * intermediate + intermediate) + (intermediate * hidden + hidden) + 2 * hidden
-    return attention + feed_forward
+        if is_linear(m) or norm_kind(m) is not None:
+            weight, bias = getattr(m, "weight", None), getattr(m, "bias", None)
+            if isinstance(weight, torch.Tensor):
+                nn.init.normal_(weight, std=std) if is_linear(m) else nn.init.ones_(weight)
+            if isinstance(bias, torch.Tensor):
+                nn.init.zeros_(bias)

@@ -53,18 +53,16 @@ import copy
 import torch
 from torch import nn
 
+from harness.anatomy import describe
 from harness.method import Method, freeze_all
 from methods._frozen import (
     POOLINGS,
     ClassifierHead,
     FrozenBackboneClassifier,
-    bert_layer_size,
-    encoder_layers,
-    frozen_hidden_states,
-    init_like_bert,
-    layer_mask,
-    pool,
-    run_layer,
+    bert_layout_missing,
+    frozen_states,
+    init_fresh,
+    token_mask,
 )
 
 
@@ -72,7 +70,7 @@ class LadderSideNetwork(FrozenBackboneClassifier):
     def __init__(self, model, reduction_factor: int, gate_temperature: float, init: str, pooling: str, drop_layers=()):
         super().__init__(model)
         config = model.config
-        layers = encoder_layers(model)
+        layers = [b.module for b in self.anatomy.blocks]
         self.kept = kept_layers(len(layers), drop_layers)
         width, heads = side_width(config, reduction_factor), config.num_attention_heads
         if width % heads:
@@ -89,20 +87,36 @@ class LadderSideNetwork(FrozenBackboneClassifier):
         self.up = nn.Linear(width, config.hidden_size)
         self.head = ClassifierHead(config.hidden_size, config)
         self.temperature, self.pooling = gate_temperature, pooling
-        init_like_bert(self.side_layers, config.initializer_range)
+        init_fresh(self.side_layers, config.initializer_range)
         self.pruned = prune_into(model, self.kept, self.side_layers, width) if init == "prune" else None
 
-    def frozen_features(self, input_ids, attention_mask, token_type_ids=None):
-        return frozen_hidden_states(self.model, input_ids, attention_mask, token_type_ids)
+    def frozen_features(self, inputs):
+        return frozen_states(self.anatomy, inputs).hidden
 
     def trainable_path(self, hidden_states, attention_mask):
+        attention_mask = token_mask(attention_mask, hidden_states[0])
         side = self.ladders[0](hidden_states[0])
         mask = layer_mask(self.side_config, side, attention_mask)
         gates = torch.sigmoid(self.gate_logits / self.temperature)
         for j, (i, layer) in enumerate(zip(self.kept, self.side_layers)):  # side layer j beside backbone layer i
             side = gates[j] * side + (1 - gates[j]) * self.ladders[j + 1](hidden_states[i + 1])
-            side = run_layer(layer, side, mask)
-        return self.head(self.up(pool(side, attention_mask, self.pooling)))
+            side = _run_layer(layer, side, mask)
+        return self.head(self.up(self.pool(side, attention_mask, self.pooling)))
+
+
+def layer_mask(config, hidden: torch.Tensor, attention_mask: torch.Tensor):
+    """The (batch, length) 0/1 padding mask in the form BERT-style layers take for `config`'s attention
+    implementation (eager: additive float, sdpa: boolean or None when nothing is padded)."""
+    try:
+        from transformers.masking_utils import create_bidirectional_mask
+    except ImportError:  # transformers 4.x: layers take the additive (batch, 1, 1, length) mask
+        return (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+    return create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask)
+
+
+def _run_layer(layer: nn.Module, hidden: torch.Tensor, mask) -> torch.Tensor:
+    out = layer(hidden, mask)
+    return out[0] if isinstance(out, tuple) else out
 
 
 def side_width(config, reduction_factor: int) -> int:
@@ -131,7 +145,8 @@ def prune_into(model, layer_ids: list[int], side_layers: nn.ModuleList, width: i
     keep = _top(model.base_model.embeddings.word_embeddings.weight.abs().sum(0), width)
     heads = model.config.num_attention_heads
     kept = {"hidden": keep, "attention": [], "feed_forward": []}
-    for big, small in zip([encoder_layers(model)[i] for i in layer_ids], side_layers):
+    blocks = describe(model).blocks
+    for big, small in zip([blocks[i].module for i in layer_ids], side_layers):
         try:
             q, k, v = big.attention.self.query, big.attention.self.key, big.attention.self.value
             o, ln1 = big.attention.output.dense, big.attention.output.LayerNorm
@@ -202,6 +217,9 @@ class LadderSideTuning(Method):
             return list(range(0, num_layers, 4)) if num_layers > 1 else []
         return list(drop)
 
+    def unsupported(self, anatomy):
+        return bert_layout_missing(anatomy)
+
     def apply(self, model, task):
         freeze_all(model)
         h = self.hparams
@@ -220,6 +238,13 @@ class LadderSideTuning(Method):
         layers = len(kept_layers(config.num_hidden_layers, self.dropped(config.num_hidden_layers)))
         width = side_width(config, r)
         ladders = (layers + 1) * (hidden * width + width)
-        side = layers * bert_layer_size(width, config.intermediate_size // r)
+        side = layers * _bert_layer_size(width, config.intermediate_size // r)
         up = width * hidden + hidden
         return ladders + layers + side + up + ClassifierHead.size(hidden, task.num_labels)
+
+
+def _bert_layer_size(hidden: int, intermediate: int) -> int:
+    """Parameters of one BERT layer of this width, from the shapes alone."""
+    attention = 4 * (hidden * hidden + hidden) + 2 * hidden  # q, k, v, output dense; LayerNorm
+    feed_forward = (hidden * intermediate + intermediate) + (intermediate * hidden + hidden) + 2 * hidden
+    return attention + feed_forward

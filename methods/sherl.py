@@ -20,8 +20,11 @@ the Multi-Tiered Sensing Adapter (MTSA):
   beta learnable from 0 (T = 0.1), so the late layers start from the adapter's
   output alone and learn how much of the plain early output to let through.
 The late route: the last late_layers (default 1) pretrained layers run on that
-with a graph; the classifier reads their output at [CLS] (or the mean over
-tokens, `pooling: mean`).
+with a graph, each called with the arguments the backbone's own forward gave
+its first late block (attention mask, rotary or relative positions), so any
+family harness.anatomy describes works (methods/_frozen.py); the classifier
+reads their output where the backbone's own head reads ([CLS]; a decoder's
+last real token) or the mean over tokens (`pooling: mean`).
 
 Trainable: the MTSA and the classification head; with train_late_layers the
 late layers' weights as well.
@@ -60,8 +63,8 @@ it in:
   its joint embedding size (1024) instead, giving 512 on a 768-wide BERT.
 - Normalisations: cosine similarities via F.normalize (x / max(||x||, 1e-6))
   and weights / (sum + 1e-6); theirs use x / (||x|| + 1e-8) and + 1e-8.
-- The head: a fresh linear classifier on the last layer's [CLS] state (or
-  the mean, `pooling: mean`); VSE-infty pools with GPO into a retrieval
+- The head: a fresh linear classifier on the last layer's state where the
+  backbone's head reads (or the mean, `pooling: mean`); VSE-infty pools with GPO into a retrieval
   embedding, and the paper's language-only runs use T5 generating the label.
 - `late_layers` (default 1, theirs: 1) may be larger, and
   `train_late_layers: true` fine-tunes the late layers in full (no PETL module
@@ -74,18 +77,9 @@ it in:
 import torch
 from torch import nn
 
+from harness.anatomy import describe
 from harness.method import Method, freeze_all
-from methods._frozen import (
-    POOLINGS,
-    ClassifierHead,
-    FrozenBackboneClassifier,
-    bert_layer_size,
-    encoder_layers,
-    frozen_hidden_states,
-    layer_mask,
-    pool,
-    run_layer,
-)
+from methods._frozen import POOLINGS, ClassifierHead, FrozenBackboneClassifier, frozen_states, token_mask
 
 
 class AntiRedundancyAggregation(nn.Module):
@@ -108,9 +102,8 @@ class AntiRedundancyAggregation(nn.Module):
 class SHERLNetwork(FrozenBackboneClassifier):
     def __init__(self, model, late_layers: int, downsample_factor: int, gate_temperature: float, pooling: str):
         super().__init__(model)
-        config = model.config
-        hidden, width = config.hidden_size, config.hidden_size // downsample_factor
-        self.early = len(encoder_layers(model)) - late_layers
+        hidden, width = self.anatomy.hidden_size, self.anatomy.hidden_size // downsample_factor
+        self.early = len(self.anatomy.blocks) - late_layers
         self.project = nn.ModuleList(
             nn.Sequential(nn.Linear(hidden, width), nn.LayerNorm(width)) for _ in range(self.early + 1)
         )
@@ -118,26 +111,29 @@ class SHERLNetwork(FrozenBackboneClassifier):
         self.out = nn.Linear(width, hidden)
         self.out_norm = nn.LayerNorm(hidden)
         self.gate = nn.Parameter(torch.zeros(1))  # beta; tanh(beta / T) weighs the plain early output
-        self.head = ClassifierHead(hidden, config)
+        self.head = ClassifierHead(hidden, model.config)
         self.temperature, self.pooling = gate_temperature, pooling
 
     def late(self) -> nn.ModuleList:
-        return encoder_layers(self.model)[self.early :]
+        return nn.ModuleList(b.module for b in self.anatomy.blocks[self.early :])
 
-    def frozen_features(self, input_ids, attention_mask, token_type_ids=None):
-        return frozen_hidden_states(self.model, input_ids, attention_mask, token_type_ids, num_layers=self.early)
+    def frozen_features(self, inputs):
+        """The embedding output and the early blocks' outputs, and how the backbone calls its first late block."""
+        frozen = frozen_states(self.anatomy, inputs, num_blocks=self.early)
+        return frozen.hidden, frozen.call
 
-    def trainable_path(self, hidden_states, attention_mask):
+    def trainable_path(self, features, attention_mask):
+        hidden_states, call = features
+        attention_mask = token_mask(attention_mask, hidden_states[0])
         x = [project(h) for project, h in zip(self.project, hidden_states)]  # embedding + early layers' outputs
         batch, length, width = x[0].shape
         shallow = torch.stack(x[:-1], dim=2).reshape(batch * length, len(x) - 1, width)
         guided = self.aggregate(shallow, x[-1].reshape(batch * length, 1, width)).reshape(batch, length, width)
         hidden = self.out_norm(self.out(torch.relu(guided)))
         hidden = hidden + torch.tanh(self.gate / self.temperature) * hidden_states[-1]
-        mask = layer_mask(self.config, hidden, attention_mask)
-        for layer in self.late():
-            hidden = run_layer(layer, hidden, mask)
-        return self.head(pool(hidden, attention_mask, self.pooling))
+        for block in self.late():  # called as the backbone calls them: its masks, positions, ...
+            hidden = call.run(block, hidden)
+        return self.head(self.pool(hidden, attention_mask, self.pooling))
 
 
 class SHERL(Method):
@@ -175,7 +171,7 @@ class SHERL(Method):
             raise ValueError(f"pooling must be one of {POOLINGS}, got {h['pooling']!r}")
 
     def _check_depth(self, model):
-        layers = model.config.num_hidden_layers
+        layers = len(describe(model).blocks)
         if self.hparams["late_layers"] >= layers:
             raise ValueError(
                 f"late_layers {self.hparams['late_layers']} leaves none of the backbone's {layers} "
@@ -202,11 +198,12 @@ class SHERL(Method):
 
     def expected_trainable_params(self, model, task):
         self._check_depth(model)
-        config, h = model.config, self.hparams
-        hidden, late = config.hidden_size, h["late_layers"]
+        anatomy, h = describe(model), self.hparams
+        hidden, late = anatomy.hidden_size, h["late_layers"]
         width = hidden // h["downsample_factor"]
-        project = (config.num_hidden_layers - late + 1) * (hidden * width + width + 2 * width)
+        project = (len(anatomy.blocks) - late + 1) * (hidden * width + width + 2 * width)
         aggregate = (width + 1) + (width * hidden + hidden) + (hidden * width + width) + 2 * width
         out = width * hidden + hidden + 2 * hidden + 1  # linear, LayerNorm, gate
-        tuned = late * bert_layer_size(hidden, config.intermediate_size) if h["train_late_layers"] else 0
+        late_blocks = anatomy.blocks[len(anatomy.blocks) - late :]
+        tuned = sum(p.numel() for b in late_blocks for p in b.module.parameters()) if h["train_late_layers"] else 0
         return project + aggregate + out + tuned + ClassifierHead.size(hidden, task.num_labels)

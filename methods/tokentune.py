@@ -49,6 +49,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
 from harness.method import Method, count_trainable
+from methods._frozen import bert_layout_missing
 
 
 def select_tokens(valid: torch.Tensor, fraction: float) -> tuple[torch.Tensor, int]:
@@ -195,6 +196,9 @@ class TokenTune(Method):
     def check_hparams(self):
         if not 0 < self.hparams["fraction"] <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.hparams['fraction']}")
+
+    def unsupported(self, anatomy):
+        return bert_layout_missing(anatomy)
 
     def apply(self, model, task):
         encoder = find_encoder(model)

@@ -19,13 +19,19 @@ The parallel network, with every hidden state h_l down-projected to x_l:
   merged_l = (W + I) x_l.
 - Confidence aggregation: c_l = gate(mean(x_N) * mean(x_l)) (masked means
   over tokens), softmax over layers; merged = sum_l c_l merged_l.
-- Output: up(relu(x_N + proj(merged))), pooled at [CLS] (or the mean over
-  tokens, `pooling: mean`) into the classifier.
+- Output: up(relu(x_N + proj(merged))), pooled where the backbone's own head
+  reads ([CLS]; a decoder's last real token) or the mean over tokens
+  (`pooling: mean`), into the classifier.
+The hidden states are the backbone's blocks' inputs and outputs from its own
+forward (methods/_frozen.py), so any family harness.anatomy describes works:
+encoders, decoders (their causal attention, rotary positions) and ViTs.
 
 Departures from the paper:
-- Text classification with a BERT-style encoder; the paper's text-side
-  experiments pool the output for retrieval. The classifier here reads the
-  [CLS] position of the parallel network's output.
+- Classification with a fresh head; the paper's text-side experiments pool
+  the output for retrieval. The classifier here reads the parallel network's
+  output at the position the backbone's head reads. On a decoder the
+  interaction still lets every token gather from every other one (the
+  parallel network is not causal; only the frozen backbone is).
 - downsample_factor 2 follows the authors' public configuration for BERT text
   encoders; the paper reports other factors as well. Their code
   (github.com/Paranioar/UniPT, VSE-infty/lib/adapter_for_transformer.py)
@@ -39,27 +45,27 @@ Departures from the paper:
 import torch
 from torch import nn
 
+from harness.anatomy import describe
 from harness.method import Method, freeze_all
-from methods._frozen import POOLINGS, ClassifierHead, FrozenBackboneClassifier, frozen_hidden_states, pool
+from methods._frozen import POOLINGS, ClassifierHead, FrozenBackboneClassifier, frozen_states, pool, token_mask
 
 
 class UniPTNetwork(FrozenBackboneClassifier):
     def __init__(self, model, downsample_factor: int, pooling: str):
         super().__init__(model)
-        config = model.config
-        hidden, width = config.hidden_size, config.hidden_size // downsample_factor
+        hidden, width = self.anatomy.hidden_size, self.anatomy.hidden_size // downsample_factor
         self.down = nn.ModuleList(
-            nn.Sequential(nn.Linear(hidden, width), nn.LayerNorm(width)) for _ in range(config.num_hidden_layers + 1)
+            nn.Sequential(nn.Linear(hidden, width), nn.LayerNorm(width)) for _ in range(len(self.anatomy.blocks) + 1)
         )
         # No bias: one offset shared by every layer's score cancels in the softmax, and would train nothing.
         self.gate = nn.Linear(width, 1, bias=False)
         self.proj = nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width))
         self.up = nn.Sequential(nn.ReLU(), nn.Linear(width, hidden))
-        self.head = ClassifierHead(hidden, config)
+        self.head = ClassifierHead(hidden, model.config)
         self.pooling = pooling
 
-    def frozen_features(self, input_ids, attention_mask, token_type_ids=None):
-        return frozen_hidden_states(self.model, input_ids, attention_mask, token_type_ids)
+    def frozen_features(self, inputs):
+        return frozen_states(self.anatomy, inputs).hidden
 
     @staticmethod
     def interaction_weights(anchor: torch.Tensor, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -76,6 +82,7 @@ class UniPTNetwork(FrozenBackboneClassifier):
         return torch.softmax(torch.cat(scores, dim=1), dim=1)
 
     def trainable_path(self, hidden_states, attention_mask):
+        attention_mask = token_mask(attention_mask, hidden_states[0])
         anchor = self.down[-1](hidden_states[-1])
         lower = [down(hidden) for down, hidden in zip(self.down[:-1], hidden_states[:-1])]
         identity = torch.eye(anchor.shape[1], dtype=anchor.dtype, device=anchor.device)  # each token keeps its own
@@ -83,7 +90,7 @@ class UniPTNetwork(FrozenBackboneClassifier):
         confidence = self.layer_confidences(anchor, lower, attention_mask)  # (batch, layers)
         merged = (merged * confidence[:, :, None, None]).sum(1)
         out = self.up(anchor + self.proj(merged))
-        return self.head(pool(out, attention_mask, self.pooling))
+        return self.head(self.pool(out, attention_mask, self.pooling))
 
 
 class UniPT(Method):
@@ -111,7 +118,8 @@ class UniPT(Method):
         return UniPTNetwork(model, self.hparams["downsample_factor"], self.hparams["pooling"])
 
     def expected_trainable_params(self, model, task):
-        hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
+        anatomy = describe(model)
+        hidden, layers = anatomy.hidden_size, len(anatomy.blocks)
         width = hidden // self.hparams["downsample_factor"]
         down = (layers + 1) * (hidden * width + width + 2 * width)
         gate, proj, up = width, width * width + width + 2 * width, width * hidden + hidden

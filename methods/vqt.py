@@ -49,8 +49,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from harness.anatomy import describe
 from harness.method import Method, freeze_all
-from methods._frozen import ClassifierHead, FrozenBackboneClassifier, encoder_layers, frozen_hidden_states
+from methods._frozen import ClassifierHead, FrozenBackboneClassifier, bert_layout_missing, frozen_states, token_mask
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -75,15 +76,17 @@ class QueryTuning(FrozenBackboneClassifier):
     def __init__(self, model, num_queries: int, dropout: float, normalize_features: bool = True):
         super().__init__(model)
         self.normalize_features = normalize_features
-        layers, hidden = encoder_layers(model), model.config.hidden_size
-        if not all(hasattr(layer, "attention") and hasattr(layer.attention, "self") for layer in layers):
-            raise ValueError(
-                "vqt needs BERT-style layers (attention.self.query/key/value, attention.output, intermediate, output)"
-            )
+        reason = bert_layout_missing(self.anatomy)
+        if reason is not None:
+            raise ValueError(f"vqt: {reason}")
+        layers, hidden = self.layers(), self.anatomy.hidden_size
         bound = math.sqrt(6.0 / (2 * hidden))
         self.queries = nn.Parameter(torch.empty(len(layers), num_queries, hidden).uniform_(-bound, bound))
         self.query_dropout = nn.Dropout(dropout)
         self.head = ClassifierHead(hidden * (1 + len(layers) * num_queries), model.config)
+
+    def layers(self) -> list[nn.Module]:
+        return [b.module for b in self.anatomy.blocks]
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -91,22 +94,23 @@ class QueryTuning(FrozenBackboneClassifier):
         return self
 
     @torch.no_grad()
-    def frozen_features(self, input_ids, attention_mask, token_type_ids=None):
+    def frozen_features(self, inputs):
         """The last layer's [CLS] state, and every layer's keys and values of the original tokens."""
-        states = frozen_hidden_states(self.model, input_ids, attention_mask, token_type_ids)
-        heads = self.config.num_attention_heads
+        states = frozen_states(self.anatomy, inputs).hidden
+        heads = self.anatomy.num_heads
         keys_values = [
             (_split_heads(layer.attention.self.key(h), heads), _split_heads(layer.attention.self.value(h), heads))
-            for layer, h in zip(encoder_layers(self.model), states[:-1])
+            for layer, h in zip(self.layers(), states[:-1])
         ]
         return states[-1][:, 0], keys_values
 
     def trainable_path(self, features, attention_mask):
         cls, keys_values = features
         batch = cls.shape[0]
+        attention_mask = token_mask(attention_mask, keys_values[0][0][:, 0])
         bias = (1.0 - attention_mask[:, None, None, :].to(cls.dtype)) * torch.finfo(cls.dtype).min
         summaries = [cls]
-        for layer, queries, (keys, values) in zip(encoder_layers(self.model), self.queries, keys_values):
+        for layer, queries, (keys, values) in zip(self.layers(), self.queries, keys_values):
             queries = self.query_dropout(queries.expand(batch, -1, -1))
             summaries.append(read_layer(layer, queries, keys, values, bias).flatten(1))
         if self.normalize_features:  # one L2 norm per group: [CLS], then each layer's queries together
@@ -131,11 +135,15 @@ class VisualQueryTuning(Method):
         if not 0 <= self.hparams["dropout"] < 1:
             raise ValueError("dropout must be in [0, 1)")
 
+    def unsupported(self, anatomy):
+        return bert_layout_missing(anatomy)
+
     def apply(self, model, task):
         freeze_all(model)
         h = self.hparams
         return QueryTuning(model, h["num_queries"], h["dropout"], h["normalize_features"])
 
     def expected_trainable_params(self, model, task):
-        hidden, layers, t = model.config.hidden_size, model.config.num_hidden_layers, self.hparams["num_queries"]
+        anatomy, t = describe(model), self.hparams["num_queries"]
+        hidden, layers = anatomy.hidden_size, len(anatomy.blocks)
         return layers * t * hidden + ClassifierHead.size(hidden * (1 + layers * t), task.num_labels)

@@ -235,7 +235,7 @@ def with_garbage_at_padding(hidden_states, mask, seed):
 def test_unipt_padding_never_reaches_the_logits(pooling):
     model = unipt(pooling)
     mask = HEAVY["attention_mask"]
-    states = model.frozen_features(HEAVY["input_ids"], mask)
+    states = model.frozen_features({"input_ids": HEAVY["input_ids"], "attention_mask": mask})
     with torch.no_grad():
         logits = model.trainable_path(states, mask)
         for seed in (1, 2):
@@ -274,7 +274,7 @@ def test_unipt_interaction_weights_cover_real_tokens_only():
 def test_unipt_confidences_follow_the_papers_formula():
     model = unipt()
     mask = HEAVY["attention_mask"]
-    states = model.frozen_features(HEAVY["input_ids"], mask)
+    states = model.frozen_features({"input_ids": HEAVY["input_ids"], "attention_mask": mask})
     with torch.no_grad():
         xs = [down(h) for down, h in zip(model.down, states)]
         confidence = model.layer_confidences(xs[-1], xs[:-1], mask)
@@ -291,7 +291,7 @@ def test_unipt_confidences_follow_the_papers_formula():
 def test_unipt_aggregation_weighs_layers_by_their_confidence(monkeypatch):
     model = unipt()
     mask = HEAVY["attention_mask"]
-    states = model.frozen_features(HEAVY["input_ids"], mask)
+    states = model.frozen_features({"input_ids": HEAVY["input_ids"], "attention_mask": mask})
     lower = len(states) - 1
     g = torch.Generator().manual_seed(1)
     noisy = [torch.randn(h.shape, generator=g) if i not in (0, lower) else h for i, h in enumerate(states)]

@@ -17,9 +17,10 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
+from harness.anatomy import describe
 from harness.meter import SavedTensorCounter
 from harness.method import count, registry
-from methods._frozen import classification_loss, encoder_layers, frozen_hidden_states
+from methods._frozen import classification_loss, frozen_states
 from methods.sherl import AntiRedundancyAggregation
 from methods.vqt import read_layer
 from tests.conftest import toy_batch, toy_task
@@ -64,7 +65,7 @@ def test_frozen_hidden_states_are_the_models_own():
     task = toy_task(2)
     model = deeper_bert(task).eval()
     batch = toy_batch(task)
-    ours = frozen_hidden_states(model, *split_batch(batch))
+    ours = frozen_states(describe(model), batch).hidden
     theirs = model.base_model(
         **{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True
     ).hidden_states
@@ -88,7 +89,7 @@ def test_backbone_saves_nothing_for_backward(name, unfreeze_embeddings):
     wrapped.train()
 
     whole = saved_bytes(wrapped, lambda: wrapped(**batch).loss)
-    features = wrapped.frozen_features(ids, mask, types)
+    features = wrapped.frozen_features(batch)
     loss = lambda: classification_loss(wrapped.trainable_path(features, mask), batch["labels"], wrapped.config)
     side_only = saved_bytes(wrapped, loss)
     assert whole > 0
@@ -117,7 +118,7 @@ def test_backbone_gets_no_gradient_and_stays_bit_identical(name, hparams):
     backbone = dict(model.base_model.named_parameters())
     before = {n: p.detach().clone() for n, p in backbone.items()}
     wrapped, _ = applied(name, model, task, **hparams)
-    tuned_late = {f"encoder.layer.{len(encoder_layers(model)) - 1}."} if hparams.get("train_late_layers") else set()
+    tuned_late = {f"encoder.layer.{len(describe(model).blocks) - 1}."} if hparams.get("train_late_layers") else set()
     is_tuned = lambda n: any(n.startswith(prefix) for prefix in tuned_late)
 
     optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
@@ -159,8 +160,8 @@ def test_lst_gates_mix_side_and_ladder():
     wrapped, task = applied("lst")
     wrapped.eval()
     batch = toy_batch(task)
-    ids, mask, types = split_batch(batch)
-    states = wrapped.frozen_features(ids, mask, types)
+    mask = batch["attention_mask"]
+    states = wrapped.frozen_features(batch)
     changed = states[:1] + [h + torch.randn_like(h) for h in states[1:]]
     with torch.no_grad():
         open_ = wrapped.trainable_path(states, mask), wrapped.trainable_path(changed, mask)
@@ -197,11 +198,12 @@ def test_vqt_query_equal_to_a_token_reproduces_that_tokens_layer_output():
     wrapped, _ = applied("vqt", model, task)
     wrapped.eval()
     batch = toy_batch(task)
-    ids, mask, types = split_batch(batch)
-    states = frozen_hidden_states(model, ids, mask, types)
-    _, keys_values = wrapped.frozen_features(ids, mask, types)
+    mask = batch["attention_mask"]
+    states = frozen_states(describe(model), batch).hidden
+    _, keys_values = wrapped.frozen_features(batch)
     bias = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
-    for layer, (keys, values), h_in, h_out in zip(encoder_layers(model), keys_values, states[:-1], states[1:]):
+    layers = [b.module for b in describe(model).blocks]
+    for layer, (keys, values), h_in, h_out in zip(layers, keys_values, states[:-1], states[1:]):
         with torch.no_grad():
             out = read_layer(layer, h_in[:, 2:4], keys, values, bias)
         torch.testing.assert_close(out, h_out[:, 2:4], atol=1e-5, rtol=1e-4)
@@ -241,8 +243,9 @@ def test_lst_dropped_layers_have_no_ladder():
     wrapped, task = applied("lst", drop_layers=[0])
     wrapped.eval()
     assert len(wrapped.side_layers) == 2 and len(wrapped.ladders) == 3
-    ids, mask, types = split_batch(toy_batch(task))
-    states = wrapped.frozen_features(ids, mask, types)
+    batch = toy_batch(task)
+    mask = batch["attention_mask"]
+    states = wrapped.frozen_features(batch)
     shifted = lambda k: [h + torch.randn_like(h) if i == k else h for i, h in enumerate(states)]
     with torch.no_grad():
         base = wrapped.trainable_path(states, mask)
