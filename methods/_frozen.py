@@ -52,11 +52,16 @@ class _Enough(Exception):
 
 @dataclass
 class FrozenStates:
-    """[input of block 0 (the embedding output), output of block 0, ..., output of block n - 1] and the call
-    the backbone made to block n (or to block n - 1 when n is all of them)."""
+    """hidden: [input of block 0 (the embedding output), output of block 0, ..., output of block n - 1];
+    calls: the backbone's call to each block 0..n (to n - 1 when n is all of them)."""
 
     hidden: list
-    call: BlockCall
+    calls: list
+
+    @property
+    def call(self) -> BlockCall:
+        """The call to block n: how the backbone calls the first block not run (the last, when all ran)."""
+        return self.calls[-1]
 
 
 def model_inputs(base: nn.Module, inputs: dict) -> dict:
@@ -107,7 +112,7 @@ def frozen_states(anatomy: Anatomy, inputs: dict, num_blocks: int | None = None)
             handle.remove()
     if len(hidden) != n + 1:
         raise RuntimeError(f"the backbone's forward ran {len(hidden) - 1} of the {n} blocks asked for")
-    return FrozenStates(hidden, calls[min(n, len(blocks) - 1)])
+    return FrozenStates(hidden, [calls[i] for i in sorted(calls)])
 
 
 def token_mask(attention_mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:

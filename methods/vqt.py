@@ -31,10 +31,21 @@ batch x queries x width per layer, the attention probabilities
 bytes grow linearly with the number of queries and linearly (never
 quadratically) with the sequence length.
 
+Any backbone whose blocks methods/_attention.py can rebuild from their roles
+works: post-norm encoders (BERT, RoBERTa, DistilBERT), pre-norm ViTs and
+decoders (GPT-2, Llama with grouped-query attention and rotary positions).
+
 Departures from the paper:
-- Text classification with a BERT-style (post-LayerNorm) encoder instead of a
-  ViT; the query path follows BERT's layer order (attention, output dense,
-  residual + LayerNorm, feed-forward, residual + LayerNorm).
+- Classification of text as well as images, on any such backbone; the paper
+  uses ViTs. The query path follows the block's own order (pre-norm:
+  norm, attention, residual, norm, FFN, residual; post-norm: attention,
+  residual + norm, FFN, residual + norm).
+- On a pre-norm backbone the head reads the last block's output at [CLS]
+  after the final norm, as the backbone's own head would.
+- On decoders the queries read every real token (no causal mask: they sit at
+  no position) and carry no rotary embedding; the keys carry theirs.
+- The summary token is where the backbone's head reads: [CLS], or a
+  decoder's last real token.
 - Query tokens are initialised uniformly in +-sqrt(6 / (2 * hidden)) (the
   paper's Xavier-style bound uses the image patch size, which text has not).
 - Keys and values for the queries are recomputed from each layer's input with
@@ -51,42 +62,21 @@ from torch.nn import functional as F
 
 from harness.anatomy import describe
 from harness.method import Method, freeze_all
-from methods._frozen import ClassifierHead, FrozenBackboneClassifier, bert_layout_missing, frozen_states, token_mask
-
-
-def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    batch, length, width = x.shape
-    return x.view(batch, length, heads, width // heads).transpose(1, 2)
-
-
-def read_layer(
-    layer: nn.Module, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor
-) -> torch.Tensor:
-    """The output of BERT layer `layer` for `queries` (batch, T, width) attending to the given keys and values
-    (batch, heads, length, head width); `bias` masks padding."""
-    attention = layer.attention.self
-    q = _split_heads(attention.query(queries), keys.shape[1])
-    probs = torch.softmax(q @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias, dim=-1)
-    context = (probs @ values).transpose(1, 2).reshape(queries.shape)
-    after_attention = layer.attention.output(context, queries)  # dense, residual, LayerNorm
-    return layer.output(layer.intermediate(after_attention), after_attention)
+from methods import _attention
+from methods._attention import QueryRows, rows_mask
+from methods._frozen import ClassifierHead, FrozenBackboneClassifier, frozen_states, token_mask
 
 
 class QueryTuning(FrozenBackboneClassifier):
     def __init__(self, model, num_queries: int, dropout: float, normalize_features: bool = True):
         super().__init__(model)
         self.normalize_features = normalize_features
-        reason = bert_layout_missing(self.anatomy)
-        if reason is not None:
-            raise ValueError(f"vqt: {reason}")
-        layers, hidden = self.layers(), self.anatomy.hidden_size
+        self.blocks = [QueryRows(self.anatomy, block) for block in self.anatomy.blocks]
+        layers, hidden = len(self.blocks), self.anatomy.hidden_size
         bound = math.sqrt(6.0 / (2 * hidden))
-        self.queries = nn.Parameter(torch.empty(len(layers), num_queries, hidden).uniform_(-bound, bound))
+        self.queries = nn.Parameter(torch.empty(layers, num_queries, hidden).uniform_(-bound, bound))
         self.query_dropout = nn.Dropout(dropout)
-        self.head = ClassifierHead(hidden * (1 + len(layers) * num_queries), model.config)
-
-    def layers(self) -> list[nn.Module]:
-        return [b.module for b in self.anatomy.blocks]
+        self.head = ClassifierHead(hidden * (1 + layers * num_queries), model.config)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -95,25 +85,28 @@ class QueryTuning(FrozenBackboneClassifier):
 
     @torch.no_grad()
     def frozen_features(self, inputs):
-        """The last layer's [CLS] state, and every layer's keys and values of the original tokens."""
-        states = frozen_states(self.anatomy, inputs).hidden
-        heads = self.anatomy.num_heads
+        """The last block's state where the head reads, and every block's keys and values of the original tokens."""
+        frozen = frozen_states(self.anatomy, inputs)
+        last = frozen.hidden[-1]
+        if self.anatomy.final_norm is not None:  # pre-norm: the backbone's head reads after its final norm
+            last = self.anatomy.final_norm.module(last)
+        mask = token_mask(inputs.get("attention_mask"), last)
         keys_values = [
-            (_split_heads(layer.attention.self.key(h), heads), _split_heads(layer.attention.self.value(h), heads))
-            for layer, h in zip(self.layers(), states[:-1])
+            block.keys_values(h, call.kwargs.get("position_embeddings"))
+            for block, h, call in zip(self.blocks, frozen.hidden[:-1], frozen.calls)
         ]
-        return states[-1][:, 0], keys_values
+        return self.pool(last, mask, "cls"), keys_values
 
     def trainable_path(self, features, attention_mask):
-        cls, keys_values = features
-        batch = cls.shape[0]
+        summary, keys_values = features
+        batch = summary.shape[0]
         attention_mask = token_mask(attention_mask, keys_values[0][0][:, 0])
-        bias = (1.0 - attention_mask[:, None, None, :].to(cls.dtype)) * torch.finfo(cls.dtype).min
-        summaries = [cls]
-        for layer, queries, (keys, values) in zip(self.layers(), self.queries, keys_values):
+        summaries = [summary]
+        for block, queries, (keys, values) in zip(self.blocks, self.queries, keys_values):
             queries = self.query_dropout(queries.expand(batch, -1, -1))
-            summaries.append(read_layer(layer, queries, keys, values, bias).flatten(1))
-        if self.normalize_features:  # one L2 norm per group: [CLS], then each layer's queries together
+            mask = rows_mask(attention_mask, queries.shape[1])
+            summaries.append(block(queries, keys, values, mask).flatten(1))
+        if self.normalize_features:  # one L2 norm per group: the summary token, then each layer's queries together
             summaries = [F.normalize(group, dim=-1) for group in summaries]
         return self.head(torch.cat(summaries, dim=-1))
 
@@ -136,7 +129,7 @@ class VisualQueryTuning(Method):
             raise ValueError("dropout must be in [0, 1)")
 
     def unsupported(self, anatomy):
-        return bert_layout_missing(anatomy)
+        return _attention.unsupported(anatomy)
 
     def apply(self, model, task):
         freeze_all(model)

@@ -20,9 +20,9 @@ from transformers import BertConfig, BertForSequenceClassification
 from harness.anatomy import describe
 from harness.meter import SavedTensorCounter
 from harness.method import count, registry
+from methods._attention import QueryRows, rows_mask
 from methods._frozen import classification_loss, frozen_states
 from methods.sherl import AntiRedundancyAggregation
-from methods.vqt import read_layer
 from tests.conftest import toy_batch, toy_task
 
 SIDE_METHODS = ["lst", "unipt", "sherl", "vqt"]
@@ -199,13 +199,12 @@ def test_vqt_query_equal_to_a_token_reproduces_that_tokens_layer_output():
     wrapped.eval()
     batch = toy_batch(task)
     mask = batch["attention_mask"]
-    states = frozen_states(describe(model), batch).hidden
+    anatomy = describe(model)
+    states = frozen_states(anatomy, batch).hidden
     _, keys_values = wrapped.frozen_features(batch)
-    bias = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
-    layers = [b.module for b in describe(model).blocks]
-    for layer, (keys, values), h_in, h_out in zip(layers, keys_values, states[:-1], states[1:]):
+    for block, (keys, values), h_in, h_out in zip(anatomy.blocks, keys_values, states[:-1], states[1:]):
         with torch.no_grad():
-            out = read_layer(layer, h_in[:, 2:4], keys, values, bias)
+            out = QueryRows(anatomy, block)(h_in[:, 2:4], keys, values, rows_mask(mask, 2))
         torch.testing.assert_close(out, h_out[:, 2:4], atol=1e-5, rtol=1e-4)
 
 
