@@ -29,16 +29,31 @@ from torch import nn
 
 from harness.anatomy import Anatomy, Block, Projection
 
-_HIDDEN_DROPOUT = ("hidden_dropout_prob", "resid_pdrop", "hidden_dropout", "dropout")
-_ATTENTION_DROPOUT = ("attention_probs_dropout_prob", "attn_pdrop", "attention_dropout")
+_ATTENTION_DROPOUT = ("attention_dropout", "attn_dropout", "dropout", "dropout_prob")
 
 
-def _config_float(config, names) -> float:
-    for name in names:
-        value = getattr(config, name, None)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+def _attention_dropout(attention: nn.Module) -> float:
+    """The attention probabilities' dropout, as the attention module keeps it: a Dropout child (BERT, GPT-2,
+    DistilBERT) or a float attribute (Llama, ViT)."""
+    for name in _ATTENTION_DROPOUT:
+        value = getattr(attention, name, None)
+        if isinstance(value, nn.Dropout):
+            return value.p
+        if isinstance(value, float):
+            return value
     return 0.0
+
+
+def _dropout_after(anatomy: "Anatomy", block: "Block", role: str) -> nn.Module | None:
+    """The Dropout applied to `role`'s output: the one Dropout beside it in its own sub-module (BERT's and ViT's
+    output modules, GPT-2's and DistilBERT's MLP), or GPT-2's resid_dropout when o sits in the attention module
+    itself; None when the block has none there (Llama, DistilBERT's attention)."""
+    parent = _parent(anatomy, block.projections[role].path)
+    if parent is block.attention.module:
+        found = getattr(parent, "resid_dropout", None)
+        return found if isinstance(found, nn.Dropout) else None
+    found = [c for c in parent.children() if isinstance(c, nn.Dropout)]
+    return found[0] if len(found) == 1 else None
 
 
 def _is_activation(module: nn.Module) -> bool:
@@ -94,7 +109,7 @@ def _project(projection: Projection, x: torch.Tensor) -> torch.Tensor:
 
 def heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     """(batch, length, n x head_dim) -> (batch, n, length, head_dim)."""
-    return x.view(*x.shape[:2], -1, head_dim).transpose(1, 2)
+    return x.view(*x.shape[:2], x.shape[-1] // head_dim, head_dim).transpose(1, 2)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -161,11 +176,12 @@ class QueryRows:
         self.pre_norm = block.norm_order == "pre"
         self.norm1, self.norm2 = (n.module for n in block.norms)
         self.act = _activation(anatomy, block)
-        self.hidden_p = _config_float(self.config, _HIDDEN_DROPOUT)
-        self.attention_p = _config_float(self.config, _ATTENTION_DROPOUT)
+        self.attention_dropout = _dropout_after(anatomy, block, "o")
+        self.ffn_dropout = _dropout_after(anatomy, block, "ffn_out")
 
-    def _dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
-        return nn.functional.dropout(x, p, training=self.block.module.training and p > 0)
+    @staticmethod
+    def _dropout(x: torch.Tensor, dropout: nn.Module | None) -> torch.Tensor:
+        return x if dropout is None else dropout(x)
 
     def attention_input(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.norm1(hidden) if self.pre_norm else hidden
@@ -200,12 +216,12 @@ class QueryRows:
             values,
             mask,
             scaling=self.attention.scaling,
-            dropout=self.attention_p if self.block.module.training else 0.0,
+            dropout=_attention_dropout(self.attention) if self.block.module.training else 0.0,
         )
         output = self.block.projections["o"].module(context.reshape(*rows.shape[:2], -1))
-        attended = self._dropout(output, self.hidden_p)
+        attended = self._dropout(output, self.attention_dropout)
         if self.pre_norm:
             y = rows + attended
-            return y + self._dropout(self.ffn(self.norm2(y)), self.hidden_p)
+            return y + self._dropout(self.ffn(self.norm2(y)), self.ffn_dropout)
         y = self.norm1(attended + rows)
-        return self.norm2(self._dropout(self.ffn(y), self.hidden_p) + y)
+        return self.norm2(self._dropout(self.ffn(y), self.ffn_dropout) + y)

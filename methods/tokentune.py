@@ -18,52 +18,60 @@ Trainable: nothing is added or frozen. Alone it is full fine-tuning through
 the selected tokens; combined with LoRA, `stack: [{method: lora}, {method:
 tokentune}]`, the LoRA weights are trained through the selected tokens. That
 order (the method that sets what is trainable first, TokenTune after) is the
-one declared and tested; TokenTune only swaps the encoder's forward and calls
-the layers' own sub-modules, so plain or peft-wrapped Linear layers, and
+one declared and tested; TokenTune only swaps the blocks' forwards and calls
+their own sub-modules, so plain or peft-wrapped Linear layers, and
 activation compression stacked after it, all work. Not back-propagated
 through: every computation of the unselected tokens after the embeddings.
 
-Applies to BERT-style encoders (BERT, RoBERTa, MiniLM...: layers with
-attention.self.{query,key,value}, attention.output, intermediate, output) with
-absolute position embeddings; attention runs through the model's configured
-attention function (eager, sdpa, or a registered one such as activation
-compression's).
+Any backbone whose blocks methods/_attention.QueryRows rebuilds from
+harness.anatomy's roles works (BERT, RoBERTa, DistilBERT, GPT-2, Llama with
+grouped-query attention and rotary positions, ViT): every block's forward is
+swapped, at instance level, for one that runs the selected rows and the others
+apart; on a causal model each row reads the keys at or before its position,
+and rotary embeddings follow each row's position. Attention runs through the
+model's configured attention function (eager, sdpa, or a registered one such
+as activation compression's).
 
 Departures from the paper:
-- The [CLS] token (position 0), which the classification head reads, is always
-  among the selected tokens; otherwise no gradient would reach the encoder.
+- The token the classification head reads ([CLS], position 0, or a
+  decoder's last real token) is always among the selected tokens; otherwise
+  no gradient would reach the backbone.
 - Sequences of one batch select different counts; the selected block has the
   batch's largest count, shorter selections are filled with padding
   positions (masked as keys, so they change nothing) or, if a row has too few
   of those, with more of its real tokens.
 - The embedding layer runs with a graph for every token (its saved
   activations are not reduced); selection starts at the first layer.
-- Evaluation and any forward without a graph use the unmodified encoder.
-- The layers' sub-modules are called directly, so the harness's
-  `gradient_checkpointing` setting does not apply to them.
+- Evaluation and any forward without a graph use the blocks' own forward.
+- Not for use with the harness's `gradient_checkpointing`: a checkpointed
+  block's first pass runs without a graph (so as the plain block) and its
+  recomputation with one, choosing again.
 """
 
 import types
+import typing
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
+from harness.anatomy import describe, transformers_model
 from harness.method import Method, count_trainable
-from methods._frozen import bert_layout_missing
+from methods import _attention
+from methods._attention import QueryRows, rows_mask
 
 
-def select_tokens(valid: torch.Tensor, fraction: float) -> tuple[torch.Tensor, int]:
+def select_tokens(valid: torch.Tensor, fraction: float, always: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """A permutation of each row's positions, selected ones first, and the selected count K.
 
-    valid: (B, L) bool, True for real tokens. Row b selects ceil(fraction * n_b) real tokens
-    (always position 0) at random; the next K - k_b slots prefer padding positions.
+    valid: (B, L) bool, True for real tokens. Row b selects ceil(fraction * n_b) real tokens at random,
+    always position `always[b]` (default 0, [CLS]); the next K - k_b slots prefer padding positions.
     """
     B, L = valid.shape
     n = valid.sum(1)
     k = torch.clamp(torch.ceil(fraction * n.float()).long(), min=1)
     K = int(k.max())
     score = torch.rand(B, L, device=valid.device)
-    score[:, 0] = 2.0  # [CLS] first
+    rows = torch.arange(B, device=valid.device)
+    score[rows, torch.zeros(B, dtype=torch.long, device=valid.device) if always is None else always] = 2.0
     score[~valid] = -1.0
     rank = torch.empty_like(score, dtype=torch.long)
     rank.scatter_(1, score.argsort(1, descending=True), torch.arange(L, device=valid.device).expand(B, L))
@@ -73,112 +81,92 @@ def select_tokens(valid: torch.Tensor, fraction: float) -> tuple[torch.Tensor, i
     return priority.argsort(1, descending=True), K
 
 
-def _gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return t.gather(1, index[..., None].expand(-1, -1, t.shape[-1]))
+def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t[b, index[b, i]] for every row b: by indexing, whose backward keeps the indices only (gather's would keep
+    t, a whole sequence of hidden states per block)."""
+    return t[torch.arange(t.shape[0], device=t.device)[:, None], index]
 
 
-def _eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
-    if attention_mask is not None:
-        scores = (
-            scores.masked_fill(~attention_mask, float("-inf"))
-            if attention_mask.dtype == torch.bool
-            else scores + attention_mask
-        )
-    probs = torch.nn.functional.dropout(torch.softmax(scores, -1), dropout, training=dropout > 0)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+class _Selection:
+    """One training forward's choice, shared by the blocks: the real tokens (from the backbone's input mask),
+    the permutation putting the selected ones first and its inverse, and the selected count K."""
+
+    def __init__(self, fraction: float, reads: str, causal: bool):
+        self.fraction, self.reads, self.causal = fraction, reads, causal
+        self.attention_mask = None
+        self.order = self.inverse = None
+        self.count = 0
+
+    def choose(self, hidden: torch.Tensor) -> None:
+        B, L = hidden.shape[:2]
+        mask = self.attention_mask
+        valid = torch.ones(B, L, dtype=torch.bool, device=hidden.device) if mask is None else mask[:, -L:].bool()
+        always = None
+        if self.reads == "last":  # the rightmost real token, whichever side the padding is on
+            always = (valid.long() * torch.arange(1, L + 1, device=hidden.device)).argmax(1)
+        self.valid = valid
+        self.order, self.count = select_tokens(valid, self.fraction, always)
+        self.inverse = self.order.argsort(1)
 
 
-def _attention_function(attn):
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    implementation = attn.config._attn_implementation
-    if implementation in (None, "eager"):
-        return _eager_attention
-    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, _eager_attention)
+def _remember_mask(base, args, kwargs):
+    # through the module the hook fires on, never a closure: a deep copy of the model must fill its own
+    base.tokentune_selection.attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
 
 
-def _heads(attn, t: torch.Tensor) -> torch.Tensor:
-    return t.view(*t.shape[:2], t.shape[-1] // attn.attention_head_size, attn.attention_head_size).transpose(1, 2)
+class _Plan:
+    """What a block's swapped forward needs: the block rebuilt by roles, whether it is the first (which chooses),
+    how the block class returns, and the selection the blocks share."""
+
+    def __init__(self, rows: QueryRows, first: bool, returns_tuple: bool, selection: _Selection):
+        self.rows, self.first, self.returns_tuple, self.selection = rows, first, returns_tuple, selection
 
 
-def _rows(layer, h, keys, values, mask):
-    """One encoder layer for the query rows `h`, attending to the given keys and values."""
-    attn = layer.attention.self
-    context, _ = _attention_function(attn)(
-        attn,
-        _heads(attn, attn.query(h)),
-        keys,
-        values,
-        mask,
-        dropout=attn.dropout.p if attn.training else 0.0,
-        scaling=attn.scaling,
+def _rotary_rows(kwargs, order: torch.Tensor):
+    """The block's rotary (cos, sin), if it gets them, gathered in `order`: each row keeps its own position's."""
+    rotary = kwargs.get("position_embeddings")
+    if rotary is None:
+        return None
+    return tuple(_take(t.expand(order.shape[0], -1, -1), order) for t in rotary)
+
+
+def _tokentune_block_forward(self, *args, **kwargs):
+    plan = self.tokentune
+    if not (self.training and torch.is_grad_enabled()):
+        return type(self).forward(self, *args, **kwargs)
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    selection = plan.selection
+    if plan.first:
+        selection.choose(hidden)
+    order, K = selection.order, selection.count
+    rotary = _rotary_rows(kwargs, order)
+    rot_sel, rot_rest = (
+        (None, None) if rotary is None else (tuple(t[:, :K] for t in rotary), tuple(t[:, K:] for t in rotary))
     )
-    attended = layer.attention.output(context.reshape(*h.shape[:2], -1), h)
-    return layer.output(layer.intermediate(attended), attended)
-
-
-def _layer(layer, h_sel, h_rest, mask):
-    attn = layer.attention.self
+    h_sel = _take(hidden, order[:, :K])
     with torch.no_grad():
-        k_rest, v_rest = _heads(attn, attn.key(h_rest)), _heads(attn, attn.value(h_rest))
-    keys = torch.cat([_heads(attn, attn.key(h_sel)), k_rest], dim=2)
-    values = torch.cat([_heads(attn, attn.value(h_sel)), v_rest], dim=2)
-    out_sel = _rows(layer, h_sel, keys, values, mask)
-    if h_rest.shape[1] == 0:  # every token selected
-        return out_sel, h_rest
-    with torch.no_grad():
-        out_rest = _rows(layer, h_rest, keys, values, mask)
-    return out_sel, out_rest
-
-
-def _tokentune_forward(original, fraction):
-    def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
-        if not (self.training and torch.is_grad_enabled()):
-            return original(hidden_states, attention_mask, *args, **kwargs)
-        if args or kwargs.get("encoder_hidden_states") is not None or kwargs.get("past_key_values") is not None:
-            raise ValueError("tokentune supports encoder-only self-attention (no cross-attention or cache)")
-        B, L, _ = hidden_states.shape
-        if attention_mask is None:
-            valid = torch.ones(B, L, dtype=torch.bool, device=hidden_states.device)
-        elif attention_mask.dim() == 4:
-            first_row = attention_mask[:, :, :1, :]  # bidirectional: every query row masks the same keys
-            valid = first_row[:, 0, 0] if first_row.dtype == torch.bool else first_row[:, 0, 0] == 0
-        else:
-            raise ValueError(f"tokentune expects a 4-D attention mask, got shape {tuple(attention_mask.shape)}")
-        order, K = select_tokens(valid, fraction)
-        mask = None
-        if attention_mask is not None:  # keys come in `order`: reorder the mask's key axis the same way
-            mask = first_row.gather(3, order[:, None, None, :].expand(-1, first_row.shape[1], 1, -1))
-        self.tokentune_selected = order[:, :K]
-        h_sel = _gather(hidden_states, order[:, :K])
+        h_rest = _take(hidden, order[:, K:])
+        k_rest, v_rest = plan.rows.keys_values(h_rest, rot_rest)
+    k_sel, v_sel = plan.rows.keys_values(h_sel, rot_sel)
+    keys, values = torch.cat([k_sel, k_rest], dim=2), torch.cat([v_sel, v_rest], dim=2)
+    valid = selection.valid.gather(1, order)  # keys come in `order`
+    causal = (lambda rows: (order[:, rows], order)) if selection.causal else (lambda rows: (None, None))
+    out_sel = plan.rows(h_sel, keys, values, rows_mask(valid, K, *causal(slice(None, K))), rot_sel)
+    out_rest = h_rest  # every token selected: no rest
+    if h_rest.shape[1]:
         with torch.no_grad():
-            h_rest = _gather(hidden_states, order[:, K:])
-        for layer in self.layer:
-            h_sel, h_rest = _layer(layer, h_sel, h_rest, mask)
-        out = _gather(torch.cat([h_sel, h_rest], dim=1), order.argsort(1))
-        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=out)
-
-    return forward
+            rest_mask = rows_mask(valid, h_rest.shape[1], *causal(slice(K, None)))
+            out_rest = plan.rows(h_rest, keys, values, rest_mask, rot_rest)
+    out = _take(torch.cat([out_sel, out_rest], dim=1), selection.inverse)
+    return (out,) if plan.returns_tuple else out
 
 
-def find_encoder(model: torch.nn.Module):
-    """The first module whose `layer` list holds BERT-style layers."""
-    for module in model.modules():
-        layers = getattr(module, "layer", None)
-        if (
-            isinstance(layers, torch.nn.ModuleList)
-            and len(layers)
-            and all(
-                hasattr(layer, "attention")
-                and hasattr(getattr(layer.attention, "self", None), "query")
-                and hasattr(layer, "intermediate")
-                and hasattr(layer, "output")
-                for layer in layers
-            )
-        ):
-            return module
-    return None
+def _returns_tuple(block: torch.nn.Module) -> bool:
+    """Whether the block class's forward returns a tuple (transformers 4.x) rather than the hidden states."""
+    import inspect
+
+    annotation = inspect.signature(type(block).forward).return_annotation
+    return typing.get_origin(annotation) is tuple or annotation is tuple
 
 
 class TokenTune(Method):
@@ -198,16 +186,23 @@ class TokenTune(Method):
             raise ValueError(f"fraction must be in (0, 1], got {self.hparams['fraction']}")
 
     def unsupported(self, anatomy):
-        return bert_layout_missing(anatomy)
+        return _attention.unsupported(anatomy)
 
     def apply(self, model, task):
-        encoder = find_encoder(model)
-        if encoder is None:
-            raise ValueError("tokentune needs a BERT-style encoder (layers with attention.self.query/key/value)")
-        config = encoder.layer[0].attention.self.config
-        if getattr(config, "is_decoder", False) or getattr(config, "position_embedding_type", "absolute") != "absolute":
-            raise ValueError("tokentune supports bidirectional encoders with absolute position embeddings")
-        encoder.forward = types.MethodType(_tokentune_forward(encoder.forward, self.hparams["fraction"]), encoder)
+        backbone = transformers_model(model)  # also inside a wrapper: peft's, when stacked after LoRA
+        anatomy = describe(backbone if backbone is not None else model)
+        reason = _attention.unsupported(anatomy)
+        if reason is not None:
+            raise ValueError(f"tokentune: {reason}")
+        base = anatomy.base.module
+        base.tokentune_selection = _Selection(self.hparams["fraction"], anatomy.head.reads, anatomy.causal)
+        base.register_forward_pre_hook(_remember_mask, with_kwargs=True)
+        blocks = anatomy.blocks
+        for i, block in enumerate(blocks):
+            module = block.module
+            rows = QueryRows(anatomy, block)
+            module.tokentune = _Plan(rows, i == 0, _returns_tuple(module), base.tokentune_selection)
+            module.forward = types.MethodType(_tokentune_block_forward, module)
         return model
 
     def expected_trainable_params(self, model, task):

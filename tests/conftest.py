@@ -107,10 +107,13 @@ def tiny_bert(task: TaskSpec, seed: int = 0, **config_overrides):
 
 
 def no_dropout(model):
-    """Dropout off, so two runs of the same model can be compared number for number."""
+    """Dropout off, so two runs of the same model can be compared number for number (also attention dropout that
+    a module keeps as a float, as Llama's and ViT's do)."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        elif isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
     return model
 
 

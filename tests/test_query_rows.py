@@ -43,3 +43,23 @@ def test_rows_run_apart_reproduce_the_blocks_own_outputs(family):
             picked_rotary = None if rotary is None else tuple(t[:, picked] for t in rotary)
             out = rows(h_in[:, picked], keys, values, mask, picked_rotary)
         torch.testing.assert_close(out, h_out[:, picked], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", sorted(set(BUILDERS) - REFUSED))
+def test_tokentune_training_forward_is_the_models_own_on_every_family(family):
+    """The selected rows with a graph, the rest without: the forward output is still exactly the model's."""
+    from methods.tokentune import TokenTune
+    from tests.conftest import no_dropout
+
+    torch.manual_seed(0)
+    model = no_dropout(BUILDERS[family]())
+    model.config.pad_token_id = 0
+    batch = batch_for(family, toy_task())
+    model.eval()
+    with torch.no_grad():
+        reference = model(**batch).logits
+    tuned = TokenTune(fraction=0.3).apply(model, toy_task())
+    tuned.train()
+    logits = tuned(**batch).logits
+    assert logits.requires_grad, "the training forward ran with a graph"
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-4)
