@@ -122,13 +122,18 @@ def _cmd_export(args) -> int:
 
 
 def _methods_table(methods: dict) -> str:
-    """The README's table of methods, generated from the registry (name, family, paper, what is trained)."""
+    """The README's table of methods, generated from the registry (name, family, paper, what is trained) and, with
+    their default hyperparameters, the architecture families of harness.families each refuses before training."""
+    from harness.families import unsupported
 
     def cell(text: str) -> str:
         return markdown_cell(text or "-")
 
-    rows = ["| method | family | paper | what is trained |", "| --- | --- | --- | --- |"]
-    rows += [f"| `{name}` | {cls.family} | {cell(cls.paper)} | {cell(cls.trains)} |" for name, cls in methods.items()]
+    rows = ["| method | family | paper | what is trained | refuses |", "| --- | --- | --- | --- | --- |"]
+    rows += [
+        f"| `{name}` | {cls.family} | {cell(cls.paper)} | {cell(cls.trains)} | {cell(', '.join(unsupported(cls())))} |"
+        for name, cls in methods.items()
+    ]
     return "\n".join(rows)
 
 
