@@ -157,7 +157,7 @@ def head_dropout(config) -> float:
 
 def bert_layout_missing(anatomy) -> str | None:
     """Why a method that still calls BERT's layer sub-modules by name cannot run on this backbone; None on BERT-style
-    blocks. (#14: vqt, lst and tokentune are to be moved onto harness.anatomy's roles, which removes this.)"""
+    blocks. (#14: lst is still to be moved onto harness.anatomy's roles, which removes this.)"""
     block = anatomy.blocks[0].module
     parts = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output", "intermediate")
     missing = [p for p in (*parts, "output") if not _has(block, p)]
