@@ -135,6 +135,14 @@ def out_axis(module: nn.Module) -> int:
     return 1 if conv1d is not None and isinstance(base, conv1d) else 0
 
 
+def is_activation(module: nn.Module) -> bool:
+    """An FFN's elementwise activation module: torch's GELU/ReLU/SiLU/Mish or one of transformers.activations
+    (not nn.Tanh, which is BERT's pooler's)."""
+    if isinstance(module, (nn.GELU, nn.ReLU, nn.SiLU, nn.Mish)):
+        return True
+    return type(module).__module__ == "transformers.activations"
+
+
 def norm_kind(module: nn.Module) -> str | None:
     """'rmsnorm', 'layernorm', or None for a module that is no norm."""
     name = type(module).__name__.lower()

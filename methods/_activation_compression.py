@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.anatomy import describe, norm_kind, transformers_model
+from harness.anatomy import describe, is_activation, norm_kind, transformers_model
 
 
 @dataclass(frozen=True)
@@ -509,12 +509,6 @@ def _set_attention(model: nn.Module, policy: Policy) -> bool:
     return top.config._attn_implementation == name
 
 
-def _is_activation(module: nn.Module) -> bool:
-    if isinstance(module, (nn.GELU, nn.ReLU, nn.SiLU, nn.Mish)):
-        return True
-    return type(module).__module__ == "transformers.activations"
-
-
 def _conv1d_class():
     try:
         from transformers.pytorch_utils import Conv1D
@@ -579,7 +573,7 @@ def _gated_ffns(model: nn.Module) -> list[tuple[nn.Module, tuple[str, str, str, 
         if any(p.rpartition(".")[0] != parent for p in paths) or "forward" in vars(model.get_submodule(parent)):
             continue
         ffn = model.get_submodule(parent)
-        activations = [name for name, c in ffn.named_children() if _is_activation(c)]
+        activations = [name for name, c in ffn.named_children() if is_activation(c)]
         weight = next(ffn.parameters())
         if len(activations) != 1 or weight.is_meta:
             continue
@@ -708,7 +702,7 @@ def install(model: nn.Module, policy: Policy) -> dict:
         elif policy.norm_bits and (eps := _rms_eps(module)) is not None:
             _patch(module, _rms_norm_forward(eps, policy.norm_bits, policy.group_size))
             counts["rmsnorm"] += 1
-        elif policy.act_bits and _is_activation(module):
+        elif policy.act_bits and is_activation(module):
             _patch(module, _activation_forward(module.forward, policy.act_store, policy.act_bits, policy.group_size))
             counts["activation"] += 1
         elif policy.pack_dropout and isinstance(module, nn.Dropout) and kind.forward is nn.Dropout.forward:

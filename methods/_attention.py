@@ -27,7 +27,7 @@ embeddings on part of the head only.
 import torch
 from torch import nn
 
-from harness.anatomy import Anatomy, Block, Projection
+from harness.anatomy import Anatomy, Block, Projection, is_activation
 
 _ATTENTION_DROPOUT = ("attention_dropout", "attn_dropout", "dropout", "dropout_prob")
 
@@ -56,12 +56,6 @@ def _dropout_after(anatomy: "Anatomy", block: "Block", role: str) -> nn.Module |
     return found[0] if len(found) == 1 else None
 
 
-def _is_activation(module: nn.Module) -> bool:
-    if isinstance(module, (nn.GELU, nn.ReLU, nn.SiLU, nn.Mish, nn.Tanh)):
-        return True
-    return type(module).__module__ == "transformers.activations"
-
-
 def _parent(anatomy: Anatomy, path: str) -> nn.Module:
     """The module holding the one at `path` (a path from the model top, inside its base model)."""
     parent = path.rpartition(".")[0]
@@ -74,7 +68,7 @@ def _activation(anatomy: Anatomy, block: Block) -> nn.Module | None:
     """The one activation module beside the FFN's up projection (or, failing that, beside its down projection)."""
     for role in ("ffn_in", "ffn_out"):
         parent = _parent(anatomy, block.projections[role].path)
-        found = [c for c in parent.children() if _is_activation(c)]
+        found = [c for c in parent.children() if is_activation(c)]
         if len(found) == 1:
             return found[0]
     return None

@@ -155,28 +155,6 @@ def head_dropout(config) -> float:
     return 0.0
 
 
-def bert_layout_missing(anatomy) -> str | None:
-    """Why a method that still calls BERT's layer sub-modules by name cannot run on this backbone; None on BERT-style
-    blocks. (#14: lst is still to be moved onto harness.anatomy's roles, which removes this.)"""
-    block = anatomy.blocks[0].module
-    parts = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output", "intermediate")
-    missing = [p for p in (*parts, "output") if not _has(block, p)]
-    if missing or anatomy.causal or getattr(anatomy.blocks[0].attention.module, "scaling", None) is None:
-        return (
-            f"this method calls the sub-modules of BERT-style blocks ({', '.join(parts)}, output; bidirectional "
-            f"attention with plain scaled dot products); {type(block).__name__} of {anatomy.family} is not one"
-        )
-    return None
-
-
-def _has(module: nn.Module, path: str) -> bool:
-    try:
-        module.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
-
-
 class ClassifierHead(nn.Module):
     """Dropout then a linear map to the labels, initialised as Hugging Face initialises its classifiers."""
 

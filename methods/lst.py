@@ -59,11 +59,33 @@ from methods._frozen import (
     POOLINGS,
     ClassifierHead,
     FrozenBackboneClassifier,
-    bert_layout_missing,
     frozen_states,
     init_fresh,
     token_mask,
 )
+
+
+def bert_layout_missing(anatomy) -> str | None:
+    """Why LST's side layers (BERT's layer class, pruned through its sub-modules by name) cannot be built for this
+    backbone; None on BERT-style blocks. (#14: LST is still to be moved onto harness.anatomy's roles.)"""
+    block = anatomy.blocks[0].module
+    parts = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output", "intermediate")
+    missing = [p for p in (*parts, "output") if not _has(block, p)]
+    if missing or anatomy.causal or getattr(anatomy.blocks[0].attention.module, "scaling", None) is None:
+        return (
+            f"lst builds its side layers from the sub-modules of BERT-style blocks ({', '.join(parts)}, output; "
+            f"bidirectional attention with plain scaled dot products); {type(block).__name__} of {anatomy.family} "
+            "is not one"
+        )
+    return None
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 class LadderSideNetwork(FrozenBackboneClassifier):

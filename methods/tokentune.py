@@ -48,6 +48,7 @@ Departures from the paper:
   recomputation with one, choosing again.
 """
 
+import inspect
 import types
 import typing
 
@@ -163,8 +164,6 @@ def _tokentune_block_forward(self, *args, **kwargs):
 
 def _returns_tuple(block: torch.nn.Module) -> bool:
     """Whether the block class's forward returns a tuple (transformers 4.x) rather than the hidden states."""
-    import inspect
-
     annotation = inspect.signature(type(block).forward).return_annotation
     return typing.get_origin(annotation) is tuple or annotation is tuple
 
