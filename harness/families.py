@@ -48,7 +48,10 @@ BUILDERS = {
     "gpt2": lambda: tf.GPT2ForSequenceClassification(
         tf.GPT2Config(n_embd=D, n_layer=LAYERS, n_head=HEADS, n_inner=FFN, vocab_size=VOCAB, **_TOKENS)
     ),
-    "llama": lambda: tf.LlamaForSequenceClassification(tf.LlamaConfig(num_key_value_heads=2, **_TEXT, **_TOKENS)),
+    # heads of 16 dimensions, wider than hidden / heads (as Gemma's and Qwen3's are), so q and o are not square
+    "llama": lambda: tf.LlamaForSequenceClassification(
+        tf.LlamaConfig(num_key_value_heads=2, head_dim=16, **_TEXT, **_TOKENS)
+    ),
     "vit": lambda: tf.ViTForImageClassification(
         tf.ViTConfig(
             image_size=32,

@@ -47,8 +47,12 @@ def model(family):
     return _cache[family]
 
 
-def expected_shapes(kv_heads):
-    head_dim = D // HEADS
+def declared_head_dim(config) -> int:
+    """The config's head_dim where it sets one (the tiny Llama's heads are wider than D / HEADS), else D / HEADS."""
+    return config.head_dim if isinstance(getattr(config, "head_dim", None), int) else D // HEADS
+
+
+def expected_shapes(kv_heads, head_dim):
     return {
         "q": (D, HEADS * head_dim),
         "k": (D, kv_heads * head_dim),
@@ -67,7 +71,8 @@ def test_every_role_resolves_to_a_module_of_the_config_s_shape(family):
     causal, order, kind, kv, gated, reads, head_input, final = EXPECTED[family]
     assert len(a.blocks) == m.config.num_hidden_layers == LAYERS
     assert a.hidden_size == D
-    shapes = expected_shapes(kv)
+    head_dim = declared_head_dim(m.config)
+    shapes = expected_shapes(kv, head_dim)
     roles = set(ROLES) - (set() if gated else {"ffn_gate"})
     assert set(a.roles()) == roles
     for role in roles:
@@ -85,7 +90,7 @@ def test_every_role_resolves_to_a_module_of_the_config_s_shape(family):
                 assert width == (D, sum(p.fused.sizes))
                 assert len(p.indices) == shapes[role][1]
     for block in a.blocks:
-        assert (block.num_heads, block.num_kv_heads, block.head_dim) == (HEADS, kv, D // HEADS)
+        assert (block.num_heads, block.num_kv_heads, block.head_dim) == (HEADS, kv, head_dim)
         assert block.gated is gated
         # the attention module holds q, k and v
         for role in ("q", "k", "v"):

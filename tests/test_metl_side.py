@@ -13,11 +13,14 @@ What each must prove, on tiny random BERTs:
   in sequence length).
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from harness.anatomy import describe
+from harness.families import BUILDERS
 from harness.meter import SavedTensorCounter
 from harness.method import count, registry
 from methods._attention import QueryRows, rows_mask
@@ -162,7 +165,7 @@ def test_lst_gates_mix_side_and_ladder():
     batch = toy_batch(task)
     mask = batch["attention_mask"]
     states = wrapped.frozen_features(batch)
-    changed = states[:1] + [h + torch.randn_like(h) for h in states[1:]]
+    changed = replace(states, hidden=states.hidden[:1] + [h + torch.randn_like(h) for h in states.hidden[1:]])
     with torch.no_grad():
         open_ = wrapped.trainable_path(states, mask), wrapped.trainable_path(changed, mask)
         wrapped.gate_logits.fill_(100.0)
@@ -245,7 +248,9 @@ def test_lst_dropped_layers_have_no_ladder():
     batch = toy_batch(task)
     mask = batch["attention_mask"]
     states = wrapped.frozen_features(batch)
-    shifted = lambda k: [h + torch.randn_like(h) if i == k else h for i, h in enumerate(states)]
+    shifted = lambda k: replace(
+        states, hidden=[h + torch.randn_like(h) if i == k else h for i, h in enumerate(states.hidden)]
+    )
     with torch.no_grad():
         base = wrapped.trainable_path(states, mask)
         torch.testing.assert_close(wrapped.trainable_path(shifted(1), mask), base)  # layer 0's output: dropped
@@ -275,3 +280,83 @@ def test_sherl_tuned_late_layers_get_their_own_learning_rate():
     assert [g["lr"] for g in groups] == [1e-3, pytest.approx(1e-4)]
     assert {id(p) for p in groups[1]["params"]} == late
     assert sum(len(g["params"]) for g in groups) == sum(1 for p in wrapped.parameters() if p.requires_grad)
+
+
+def _matrix(module):
+    from harness.anatomy import out_axis
+
+    return module.weight.T if out_axis(module) == 1 else module.weight
+
+
+@pytest.mark.parametrize("family", [f for f in BUILDERS])
+def test_lst_prunes_every_role_of_any_family(family):
+    """Side block j is backbone block kept[j] sliced role by role: q, k, v (fused in GPT-2's c_attn) at the kept
+    attention rows and residual columns, o and the FFN at theirs, the norms at the residual dimensions; within a
+    grouped-query group every head keeps the same dimensions, and rotary models keep rotate-half pairs."""
+    torch.manual_seed(0)
+    model = BUILDERS[family]()
+    model.config.pad_token_id = 0
+    wrapped, _ = applied("lst", model, toy_task(2), drop_layers=[])
+    kept, anatomy = wrapped.pruned, describe(model)
+    r = 8
+    hidden = kept["hidden"]
+    for j, block in enumerate(anatomy.blocks):
+        small = wrapped.side_layers[j]
+        q, kv, ffn = kept["attention"][j], kept["kv_attention"][j], kept["feed_forward"][j]
+        slices = {"q": (q, hidden), "k": (kv, hidden), "v": (kv, hidden), "o": (hidden, q), "ffn_out": (hidden, ffn)}
+        slices |= {role: (ffn, hidden) for role in ("ffn_in", "ffn_gate") if role in block.projections}
+        for role, (rows, cols) in slices.items():
+            p = block.projections[role]
+            side = small.get_submodule(p.path[len(block.path) + 1 :])
+            big_rows = torch.tensor(p.indices if p.fused else range(p.out_features))[rows]
+            side_rows = torch.arange(len(rows))
+            if p.fused:  # the role's part of the side's fused layer: the same layout at 1/r of each size
+                share = [s // r for s in p.fused.sizes]
+                side_rows += sum(share[: p.fused.roles.index(role)])
+            assert torch.equal(_matrix(side)[side_rows], _matrix(p.module)[big_rows][:, cols]), f"{family} {role}"
+        for norm in block.norms:
+            side = small.get_submodule(norm.path[len(block.path) + 1 :])
+            assert torch.equal(side.weight, norm.module.weight[hidden])
+        per_head, side_per_head = block.head_dim, block.head_dim // r
+        within = (q % per_head).view(block.num_heads, side_per_head)
+        group = block.num_heads // block.num_kv_heads
+        assert all(torch.equal(within[h], within[h - h % group]) for h in range(block.num_heads))
+        assert torch.equal(within, (kv % per_head).view(block.num_kv_heads, side_per_head).repeat_interleave(group, 0))
+        if wrapped.side_rotary is not None:
+            half = side_per_head // 2
+            assert torch.equal(within[:, half:], within[:, :half] + per_head // 2), "rotate-half pairs kept whole"
+    if anatomy.final_norm is not None:
+        assert torch.equal(wrapped.final_norm.weight, anatomy.final_norm.module.weight[hidden])
+
+
+def test_lst_side_network_on_llama_is_a_llama_of_the_side_width():
+    """With every ladder after the first shut (mu = 1), LST's side network is a stack of Llama blocks on the first
+    ladder's output: it must equal LlamaModel built from the side config with those blocks and that final norm, fed
+    the same embeddings and mask. This checks the causal mask, padding and the rotary embeddings recomputed for the
+    side head size, against transformers' own forward."""
+    from transformers import LlamaModel
+
+    torch.manual_seed(0)
+    task = toy_task(2)
+    model = BUILDERS["llama"]()
+    model.config.pad_token_id = 0
+    wrapped, _ = applied("lst", model, task, drop_layers=[])
+    wrapped.eval()
+    batch = {k: v.clamp(max=99) for k, v in toy_batch(task).items() if k in ("input_ids", "attention_mask")}
+    seen = []
+    wrapped.final_norm.register_forward_hook(lambda module, args, out: seen.append(out))
+    with torch.no_grad():
+        wrapped.gate_logits.fill_(1000.0)  # sigmoid(1000 / T) is exactly 1.0 in float32: the ladders add 0
+        for layer in wrapped.side_layers:  # sharp attention, so that positions and masks show in the output
+            layer.self_attn.q_proj.weight.mul_(300.0)
+            layer.self_attn.k_proj.weight.mul_(300.0)
+        states = wrapped.frozen_features(batch)
+        wrapped.trainable_path(states, batch["attention_mask"])
+        reference = LlamaModel(wrapped.side_config).eval()
+        reference.layers, reference.norm = wrapped.side_layers, wrapped.final_norm
+        expected = reference(
+            inputs_embeds=wrapped.ladders[0](states.hidden[0]), attention_mask=batch["attention_mask"]
+        ).last_hidden_state
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(seen[0][real], expected[real])  # seen[1] is the reference's own final norm
+    assert wrapped.side_config.head_dim == 2 and states.calls[0].kwargs["position_embeddings"][0].shape[-1] == 2
