@@ -132,6 +132,7 @@ def new_block(anatomy: Anatomy, config, index: int) -> nn.Module:
 
 
 def _relative(block, path: str) -> str:
+    """A path inside `block` (from the model top) as a path from the block: how a side block of its class names it."""
     return path[len(block.path) + 1 :]
 
 
@@ -266,14 +267,14 @@ def _matrix(module: nn.Module) -> torch.Tensor:
     return module.weight.T if out_axis(module) == 1 else module.weight
 
 
-def _rows(p: Projection, count: int | None = None) -> list[int]:
+def _rows(p: Projection) -> list[int]:
     """The output features of p's role within its module (all of them for a layer of its own)."""
-    return p.indices if p.fused is not None else list(range(p.out_features if count is None else count))
+    return p.indices if p.fused is not None else list(range(p.out_features))
 
 
-def _side_projection(p: Projection, small: nn.Module, block_path: str, r: int) -> Projection:
+def _side_projection(p: Projection, small: nn.Module, block, r: int) -> Projection:
     """The projection of the same role in a side block, its fused layout shrunk by r."""
-    path = p.path[len(block_path) + 1 :]
+    path = _relative(block, p.path)
     module = small.get_submodule(path)
     fused = p.fused and Fused(
         path, module, p.fused.roles, tuple(s // r for s in p.fused.sizes), p.fused.layout, p.fused.groups
@@ -331,7 +332,7 @@ def prune_into(
     for i, small in zip(layer_ids, side_layers):
         block = anatomy.blocks[i]
         p = block.projections
-        side = {role: _side_projection(proj, small, block.path, r) for role, proj in p.items()}
+        side = {role: _side_projection(proj, small, block, r) for role, proj in p.items()}
         q_dims, kv_dims = _attention_dims(block, keep, block.head_dim // r, rotary is not None)
         ffn_roles = [role for role in ("ffn_in", "ffn_gate") if role in p]
         score = sum(_matrix(p[role].module)[_rows(p[role])][:, keep].abs().sum(1) for role in ffn_roles)
