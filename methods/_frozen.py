@@ -123,10 +123,11 @@ def token_mask(attention_mask: torch.Tensor | None, hidden: torch.Tensor) -> tor
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str, reads: str = "first") -> torch.Tensor:
-    """(batch, length, width) -> (batch, width). 'cls': the position the backbone's own head reads (`reads`: the
-    first token, [CLS], or a decoder's last real token); 'mean': the mean over real tokens (also what 'cls' gives
-    for a head that reads no one position)."""
-    if how == "mean" or reads == "pooler":
+    """(batch, length, width) -> (batch, width). 'cls': the token the backbone's own head reads (`reads`: a
+    decoder's last real token), else the first, [CLS], also under a head that pools every position (the
+    harness's mean-pooling MiniLM: methods with their own head keep the [CLS] they have always read there);
+    'mean': the mean over real tokens."""
+    if how == "mean":
         return masked_mean(hidden, attention_mask)
     if reads == "last":  # the rightmost real token, whichever side the padding is on
         positions = torch.arange(hidden.shape[1], device=hidden.device)
