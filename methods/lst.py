@@ -176,6 +176,10 @@ class LadderSideNetwork(FrozenBackboneClassifier):
         self.ladders = nn.ModuleList(nn.Linear(hidden, width) for _ in range(len(self.kept) + 1))
         self.gate_logits = nn.Parameter(torch.zeros(len(self.kept)))  # alpha_i; mu_i = sigmoid(alpha_i / T)
         self.side_layers = nn.ModuleList(new_block(anatomy, self.side_config, j) for j in range(len(self.kept)))
+        self.up = nn.Linear(width, hidden)
+        self.head = ClassifierHead(hidden, config)
+        self.temperature, self.pooling = gate_temperature, pooling
+        init_fresh(self.side_layers, getattr(config, "initializer_range", 0.02))
         # a pre-norm stack normalises after its last block; so does the side network, with a norm of its blocks' class
         last_norm = _relative(anatomy.blocks[0], anatomy.blocks[0].norms[-1].path)
         self.final_norm = (
@@ -183,16 +187,12 @@ class LadderSideNetwork(FrozenBackboneClassifier):
         )
         rotary = _rotary(anatomy)
         self.side_rotary = type(rotary)(config=self.side_config) if rotary is not None else None
-        self.up = nn.Linear(width, hidden)
-        self.head = ClassifierHead(hidden, config)
-        self.temperature, self.pooling = gate_temperature, pooling
-        init_fresh(self.side_layers, getattr(config, "initializer_range", 0.02))
-        if self.final_norm is not None:
-            init_fresh(self.final_norm, getattr(config, "initializer_range", 0.02))
         self.residual = _top(_embedding_scores(anatomy), width)
         self.pruned = None
         if init == "prune":
-            self.pruned = prune_into(anatomy, self.kept, self.side_layers, self.residual, reduction_factor, rotary)
+            self.pruned = prune_into(
+                anatomy, self.kept, self.side_layers, self.residual, reduction_factor, rotary is not None
+            )
             if self.final_norm is not None:
                 _copy_norm(anatomy.final_norm.module, self.final_norm, self.residual)
 
@@ -282,12 +282,27 @@ def _side_projection(p: Projection, small: nn.Module, block, r: int) -> Projecti
     return Projection(path, module, p.role, p.in_features // r, p.out_features // r, fused)
 
 
+def _role_matrix(p: Projection) -> torch.Tensor:
+    """p's role's weight as (its output features, in)."""
+    return _matrix(p.module)[_rows(p)]
+
+
+def _row_strength(p: Projection, cols: torch.Tensor) -> torch.Tensor:
+    """Per output feature of p's role, the L1 norm of its weights reading input features `cols`."""
+    return _role_matrix(p)[:, cols].abs().sum(1)
+
+
+def _column_strength(p: Projection, rows: torch.Tensor) -> torch.Tensor:
+    """Per input feature of p (a layer of its own), the L1 norm of its weights writing output features `rows`."""
+    return _matrix(p.module)[rows].abs().sum(0)
+
+
 def _write(dst: Projection, src: Projection, rows, cols) -> None:
-    """dst's role <- src's weights at output features `rows` and input features `cols`, and its bias at `rows`."""
-    source = _matrix(src.module)[rows][:, cols]
-    _matrix(dst.module)[_rows(dst)] = source
+    """dst's role <- src's role's weights at its output features `rows` and input features `cols`, and its bias
+    at `rows`."""
+    _matrix(dst.module)[_rows(dst)] = _role_matrix(src)[rows][:, cols]
     if isinstance(getattr(src.module, "bias", None), torch.Tensor):
-        dst.module.bias[_rows(dst)] = src.module.bias[rows]
+        dst.module.bias[_rows(dst)] = src.module.bias[_rows(src)][rows]
 
 
 @torch.no_grad()
@@ -303,13 +318,10 @@ def _attention_dims(block, keep: torch.Tensor, side_head_dim: int, rotary: bool)
     rotate-half pairs (d, d + head_dim / 2), in the order the side head's rotation pairs them."""
     p = block.projections
     heads, groups, head_dim = block.num_heads, block.num_kv_heads, block.head_dim
-
-    def strength(role):
-        return _matrix(p[role].module)[_rows(p[role])][:, keep].abs().sum(1)
-
-    q = strength("q").view(groups, heads // groups, head_dim).sum(1)
-    o = _matrix(p["o"].module)[keep].abs().sum(0).view(groups, heads // groups, head_dim).sum(1)
-    score = q + strength("k").view(groups, head_dim) + strength("v").view(groups, head_dim) + o
+    q = _row_strength(p["q"], keep).view(groups, heads // groups, head_dim).sum(1)
+    o = _column_strength(p["o"], keep).view(groups, heads // groups, head_dim).sum(1)
+    k, v = (_row_strength(p[role], keep).view(groups, head_dim) for role in ("k", "v"))
+    score = q + k + v + o
     if rotary:
         half = head_dim // 2
         pairs = [_top(s[:half] + s[half:], side_head_dim // 2) for s in score]
@@ -323,7 +335,7 @@ def _attention_dims(block, keep: torch.Tensor, side_head_dim: int, rotary: bool)
 
 @torch.no_grad()
 def prune_into(
-    anatomy: Anatomy, layer_ids: list[int], side_layers: nn.ModuleList, keep: torch.Tensor, r: int, rotary
+    anatomy: Anatomy, layer_ids: list[int], side_layers: nn.ModuleList, keep: torch.Tensor, r: int, rotary: bool
 ) -> dict:
     """Initialise side block j with a structured slice of backbone block layer_ids[j] (magnitude criterion), role by
     role. Returns the kept indices: residual dimensions, and per layer the attention (q; k and v) and feed-forward
@@ -333,15 +345,15 @@ def prune_into(
         block = anatomy.blocks[i]
         p = block.projections
         side = {role: _side_projection(proj, small, block, r) for role, proj in p.items()}
-        q_dims, kv_dims = _attention_dims(block, keep, block.head_dim // r, rotary is not None)
+        q_dims, kv_dims = _attention_dims(block, keep, block.head_dim // r, rotary)
         ffn_roles = [role for role in ("ffn_in", "ffn_gate") if role in p]
-        score = sum(_matrix(p[role].module)[_rows(p[role])][:, keep].abs().sum(1) for role in ffn_roles)
-        ffn = _top(score + _matrix(p["ffn_out"].module)[keep].abs().sum(0), p["ffn_out"].in_features // r)
+        score = sum(_row_strength(p[role], keep) for role in ffn_roles)
+        ffn = _top(score + _column_strength(p["ffn_out"], keep), p["ffn_out"].in_features // r)
         for role, rows in (("q", q_dims), ("k", kv_dims), ("v", kv_dims)):
-            _write(side[role], p[role], torch.tensor(_rows(p[role]))[rows], keep)
+            _write(side[role], p[role], rows, keep)
         _write(side["o"], p["o"], keep, q_dims)
         for role in ffn_roles:
-            _write(side[role], p[role], torch.tensor(_rows(p[role]))[ffn], keep)
+            _write(side[role], p[role], ffn, keep)
         _write(side["ffn_out"], p["ffn_out"], keep, ffn)
         for norm in block.norms:
             _copy_norm(norm.module, small.get_submodule(_relative(block, norm.path)), keep)
