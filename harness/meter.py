@@ -24,9 +24,12 @@ Device-reported:
   cannot see this process (containers, MIG) the figure is device-wide usage
   minus the usage before the phase, and `nvml_source` says so.
 - Host: the worker's peak RSS (getrusage), which includes model loading.
+- CUDA reserved memory after every training step (torch.cuda.memory_reserved): its
+  max, mean and 99th percentile over the steps, as peft's `method_comparison`
+  reports memory, so that a figure can be set beside theirs.
 Throughput: samples/s and non-padding tokens/s (for images, patches/s) over the timed steps (the first
 `timing_warmup_steps` left out, CUDA synchronised around each), and step-time
-median and p90.
+median and p90; for a causal LM also target tokens/s (the tokens the loss covers).
 What ran, so that figures are compared only with figures measured the same way:
 - attention_implementation: the model's `config._attn_implementation` (sdpa,
   eager, or one a method registered).
@@ -48,6 +51,8 @@ import weakref
 
 import numpy as np
 import torch
+
+from harness import causal_lm
 
 
 def storage_key(t: torch.Tensor):
@@ -264,7 +269,8 @@ class Meter:
         self.timing_warmup_steps = timing_warmup_steps
         self.nvml_interval_s = nvml_interval_s
         self.saved = SavedTensorCounter(model)
-        self.steps: list[tuple[float, int, int]] = []  # (seconds, samples, non-padding tokens)
+        self.steps: list[tuple[float, int, int, int]] = []  # (seconds, samples, non-padding tokens, target tokens)
+        self.reserved: list[int] = []  # CUDA memory reserved after each training step
         self.notes: list[str] = []
         self._record_params()
 
@@ -318,7 +324,11 @@ class Meter:
         start = time.perf_counter()
         yield
         self._sync()
-        self.steps.append((time.perf_counter() - start, len(batch["labels"]), self._tokens(batch)))
+        labels = batch["labels"]
+        target = causal_lm.target_tokens(labels) if labels.dim() == 2 else 0
+        self.steps.append((time.perf_counter() - start, len(labels), self._tokens(batch), target))
+        if self.cuda:
+            self.reserved.append(torch.cuda.memory_reserved(self.device))
 
     def _tokens(self, batch: dict) -> int:
         """Non-padding tokens, or for images the patches the model cuts them into ([CLS] not counted)."""
@@ -371,13 +381,22 @@ class Meter:
         if not self.steps[self.timing_warmup_steps :]:
             self.notes.append(f"only {len(self.steps)} steps: throughput includes warm-up steps")
         if timed:
-            seconds = np.array([s for s, _, _ in timed])
+            seconds = np.array([s for s, *_ in timed])
             f.update(
                 timed_steps=len(timed),
-                train_samples_per_s=sum(n for _, n, _ in timed) / seconds.sum(),
-                train_tokens_per_s=sum(t for _, _, t in timed) / seconds.sum(),
+                train_samples_per_s=sum(n for _, n, _, _ in timed) / seconds.sum(),
+                train_tokens_per_s=sum(t for _, _, t, _ in timed) / seconds.sum(),
                 step_time_median_s=float(np.median(seconds)),
                 step_time_p90_s=float(np.percentile(seconds, 90)),
+            )
+            if any(target for *_, target in timed):
+                f["train_target_tokens_per_s"] = sum(target for *_, target in timed) / seconds.sum()
+        if self.reserved:  # as peft's method_comparison reports memory: over every training step, warm-up included
+            reserved = np.array(self.reserved)
+            f.update(
+                reserved_max_bytes=int(reserved.max()),
+                reserved_mean_bytes=float(reserved.mean()),
+                reserved_p99_bytes=float(np.percentile(reserved, 99)),
             )
         if self.notes:
             f["meter_notes"] = list(dict.fromkeys(self.notes))

@@ -283,9 +283,13 @@ def _resolve(ref: str, where: str) -> type[Method]:
 
 
 def head_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """The task head: every parameter outside the pretrained backbone (`base_model`)."""
+    """The task head: every parameter outside the pretrained backbone (`base_model`). A language model's head
+    (its output embeddings, for a causal_lm task) is pretrained, not a task head: none, unless a method
+    trains it of its own accord."""
     prefix = model.base_model_prefix + "."
-    return {n: p for n, p in model.named_parameters() if not n.startswith(prefix)}
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    pretrained = {id(p) for p in output.parameters()} if output is not None else set()
+    return {n: p for n, p in model.named_parameters() if not n.startswith(prefix) and id(p) not in pretrained}
 
 
 def freeze_all(model: torch.nn.Module) -> None:

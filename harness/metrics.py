@@ -26,7 +26,10 @@ function is declared a metric with the `metric` decorator:
     tasks:
       - {name: mine, ..., type: regression, metrics: [pearson, "my_metrics.py:max_abs_error"]}
 
-The function gets two numpy arrays and returns a number; the decorator makes it
+The function gets two numpy arrays and returns a number (for a causal_lm task:
+the normalised generated answers and the targets', or, declared with
+`reads="likelihood"`, each example's summed target NLL and its target tokens);
+the decorator makes it
 a `Metric` (its docstring's first line is the description). Its value is
 recorded under the reference as the suite wrote it, with its higher_is_better.
 A plugin module is imported once per process; a reference that does not import,
@@ -43,8 +46,12 @@ from sklearn import metrics as skm
 from harness import plugins
 from harness.errors import UserError
 
-CLASSIFICATION, REGRESSION = "classification", "regression"
-TASK_TYPES = (CLASSIFICATION, REGRESSION)
+CLASSIFICATION, REGRESSION, CAUSAL_LM = "classification", "regression", "causal_lm"
+TASK_TYPES = (CLASSIFICATION, REGRESSION, CAUSAL_LM)
+# What a metric is given, as (predictions, references): "predictions" are the model's outputs and the labels
+# (for a causal_lm task: each generated answer and the target's, normalised by harness.causal_lm.answer);
+# "likelihood" (causal_lm) each example's summed negative log-likelihood of its target and its target's tokens.
+READS = ("predictions", "likelihood")
 
 
 @dataclass(frozen=True)
@@ -54,23 +61,28 @@ class Metric:
     higher_is_better: bool
     task_types: tuple[str, ...]  # the task types it fits, some of TASK_TYPES
     description: str
+    reads: str = "predictions"  # one of READS
 
     def __post_init__(self):
         if not isinstance(self.higher_is_better, bool):
             raise TypeError(f"metric '{self.name}': higher_is_better must be True or False")
         if not self.task_types or not set(self.task_types) <= set(TASK_TYPES):
             raise TypeError(f"metric '{self.name}': task_types must be some of {TASK_TYPES}, got {self.task_types!r}")
+        if self.reads not in READS:
+            raise TypeError(f"metric '{self.name}': reads must be one of {READS}, got {self.reads!r}")
 
     def __call__(self, predictions, references) -> float:
         return float(self.fn(np.asarray(predictions), np.asarray(references)))
 
 
-def metric(*, higher_is_better: bool, task_types=(CLASSIFICATION,)) -> Callable[[Callable], Metric]:
+def metric(
+    *, higher_is_better: bool, task_types=(CLASSIFICATION,), reads: str = "predictions"
+) -> Callable[[Callable], Metric]:
     """Declare a function (predictions, references) -> number a metric, for a suite to name as a plugin."""
 
     def declare(fn: Callable) -> Metric:
         description = ((fn.__doc__ or "").strip().splitlines() or [""])[0]
-        return Metric(fn.__name__, fn, higher_is_better, tuple(task_types), description)
+        return Metric(fn.__name__, fn, higher_is_better, tuple(task_types), description, reads)
 
     return declare
 
@@ -83,7 +95,12 @@ def _spearman(p, r):
     return stats.spearmanr(p, r)[0] if np.std(p) > 0 and np.std(r) > 0 else 0.0
 
 
-_C, _R = (CLASSIFICATION,), (REGRESSION,)
+def _perplexity(nll, tokens):
+    """exp of the mean negative log-likelihood per target token, over the whole split."""
+    return float(np.exp(np.sum(nll) / max(1, np.sum(tokens))))
+
+
+_C, _R, _LM = (CLASSIFICATION,), (REGRESSION,), (CAUSAL_LM,)
 BUILTIN: dict[str, Metric] = {
     m.name: m
     for m in [
@@ -102,6 +119,14 @@ BUILTIN: dict[str, Metric] = {
         Metric("pearson", _pearson, True, _R, "Pearson correlation (regression)"),
         Metric("spearman", _spearman, True, _R, "Spearman rank correlation (regression)"),
         Metric("mse", lambda p, r: skm.mean_squared_error(r, p), False, _R, "mean squared error (regression)"),
+        Metric(
+            "exact_match",
+            lambda p, r: float(np.mean(p == r)),
+            True,
+            _LM,
+            "fraction of greedy generations whose normalised answer equals the target's",
+        ),
+        Metric("perplexity", _perplexity, False, _LM, "perplexity of the target tokens", "likelihood"),
     ]
 }
 

@@ -42,6 +42,9 @@ CORE_COLUMNS = [
 MEMORY_COLUMNS = [
     "peak_gpu_allocated_bytes",
     "peak_gpu_reserved_bytes",
+    "reserved_max_bytes",
+    "reserved_mean_bytes",
+    "reserved_p99_bytes",
     "nvml_peak_bytes",
     "activation_bytes",
     "frozen_param_bytes",
@@ -52,6 +55,7 @@ MEMORY_COLUMNS = [
     "peak_rss_bytes",
     "train_samples_per_s",
     "train_tokens_per_s",
+    "train_target_tokens_per_s",
     "step_time_median_s",
     "step_time_p90_s",
 ]

@@ -39,9 +39,32 @@ def preflight(suite: Suite, data_dir: Path | None) -> None:
             what = "image processor" if task.modality == "image" else "tokenizer"
             raise UserError(
                 f"{suite.path}.backbone",
-                f"cannot load the {what} of '{backbone.describe(suite.backbone)}': {type(exc).__name__}",
+                f"cannot load the {what} of '{backbone.describe(suite.backbone)}': {type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}",
                 "give a local model folder, or a hub id with network access",
             ) from None
+    language_model = next((task for task in suite.tasks if task.is_causal_lm), None)
+    if language_model is not None:
+        problem = not_a_causal_lm(suite.backbone, language_model)
+        if problem is not None:
+            raise UserError(
+                f"{suite.path}.tasks",
+                f"task {language_model.name} is causal_lm, but {backbone.describe(suite.backbone)} {problem}",
+                "use a decoder (GPT-2, Llama, Qwen, Mistral, ...) for causal_lm tasks",
+            )
+
+
+def not_a_causal_lm(spec, task) -> str | None:
+    """Why the backbone cannot be trained as a causal language model (in words after its name), or None."""
+    try:
+        model = backbone.skeleton(spec, task)
+    except ValueError as exc:  # transformers has no causal-LM class for this config
+        return f"has no causal-LM model ({str(exc).splitlines()[0][:200]})"
+    try:
+        causal = anatomy.describe(model).causal
+    except ValueError:
+        return None  # a layout harness.anatomy cannot read: trust transformers' causal-LM class
+    return None if causal else "is a bidirectional encoder, whose attention sees the target it should predict"
 
 
 def unsupported_cells(suite: Suite, cells: list[Cell]) -> dict[str, str]:

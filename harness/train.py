@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from harness import causal_lm
 from harness.config import TrainSettings
 from harness.meter import Meter
 
@@ -33,6 +34,13 @@ def total_steps(settings: TrainSettings, batches_per_epoch: int) -> int:
     if settings.max_steps:
         return settings.max_steps
     return max(1, math.ceil((settings.epochs or 1.0) * batches_per_epoch))
+
+
+def weight(batch: dict) -> int:
+    """What a (micro-)batch's mean loss averages over: its examples, or for a causal LM its target tokens, so
+    that accumulated micro-batches weigh as one batch of the same data would."""
+    labels = batch["labels"]
+    return causal_lm.target_tokens(labels) if labels.dim() == 2 else len(labels)
 
 
 def micro_batches(batch: dict, size: int | None):
@@ -72,9 +80,9 @@ def train(model, param_groups, loader, settings: TrainSettings, device, meter: M
         for batch in loader:
             batch = to_device(batch, device)
             with meter.step(batch):
-                step_loss = 0.0
+                step_loss, whole = 0.0, weight(batch)
                 for micro in micro_batches(batch, settings.micro_batch_size):
-                    share = len(micro["labels"]) / len(batch["labels"])
+                    share = weight(micro) / max(1, whole)
                     with meter.saved_tensors(micro):
                         with autocast(device, settings.precision):
                             loss = model(**micro).loss * share
@@ -103,9 +111,12 @@ def train(model, param_groups, loader, settings: TrainSettings, device, meter: M
 
 
 @torch.no_grad()
-def predict(model, loader, task, device, precision: str, progress=True) -> tuple[np.ndarray, np.ndarray, int]:
-    """Predictions and references over the whole loader, and the number of examples."""
+def predict(model, loader, task, device, precision: str, progress=True, tokenizer=None) -> tuple[dict, int]:
+    """What each of the task's metrics reads (harness.metrics.READS -> (predictions, references)) over the
+    whole loader, and the number of examples. A causal_lm task's need the tokenizer (to decode generations)."""
     model.eval()
+    if task.is_causal_lm:
+        return _predict_causal_lm(model, loader, task, device, precision, progress, tokenizer)
     predictions, references = [], []
     for batch in tqdm(loader, desc="eval", disable=not progress, mininterval=2, leave=False):
         batch = to_device(batch, device)
@@ -115,4 +126,28 @@ def predict(model, loader, task, device, precision: str, progress=True) -> tuple
         predictions.append(logits.squeeze(-1) if task.is_regression else logits.argmax(-1))
         references.append(labels)
     predictions = torch.cat(predictions).cpu().numpy()
-    return predictions, torch.cat(references).cpu().numpy(), len(predictions)
+    return {"predictions": (predictions, torch.cat(references).cpu().numpy())}, len(predictions)
+
+
+def _predict_causal_lm(model, loader, task, device, precision, progress, tokenizer) -> tuple[dict, int]:
+    """Greedy answers against the targets', and the targets' likelihood (harness.causal_lm)."""
+    end = causal_lm.end_token_id(tokenizer)
+    answers, nll, tokens = [], [], []
+    for batch in tqdm(loader, desc="eval", disable=not progress, mininterval=2, leave=False):
+        batch = to_device(batch, device)
+        with autocast(device, precision):
+            row_nll, row_tokens = causal_lm.target_likelihood(
+                model, batch["input_ids"], batch["attention_mask"], batch["labels"]
+            )
+            generated = causal_lm.greedy(
+                model, batch["prompt_ids"], batch["prompt_mask"], loader.dataset.longest_target, end
+            )
+        texts = tokenizer.batch_decode(causal_lm.until_end(generated, end), skip_special_tokens=True)
+        answers += [causal_lm.answer(text, task.answer_pattern) for text in texts]
+        nll.append(row_nll.cpu())
+        tokens.append(row_tokens.cpu())
+    outputs = {
+        "predictions": (np.array(answers, dtype=object), np.array(loader.dataset.answers, dtype=object)),
+        "likelihood": (torch.cat(nll).numpy(), torch.cat(tokens).numpy()),
+    }
+    return outputs, len(answers)

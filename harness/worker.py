@@ -61,6 +61,7 @@ def build(cell: Cell, total_steps: int | None = None):
     if total_steps is not None:
         method.set_run(Run(total_steps=total_steps))
     model, declared = method.attach(model, cell.task)
+    backbone.store_frozen(model, cell.backbone.dtype)
     return model, declared, method.param_groups(model, cell.entry.lr), method.activations_depend_on_values
 
 
@@ -107,7 +108,9 @@ def run_cell(
         eval_loader = torch.utils.data.DataLoader(
             data.examples(task, eval_frame, preprocessor, settings.max_seq_length),
             batch_size=settings.eval_batch_size,
-            collate_fn=collate,
+            collate_fn=data.make_collate(
+                task, preprocessor, settings.padding, settings.max_seq_length, evaluation=True
+            ),
         )
         model, declared, groups, value_dependent = build(cell, total_steps(settings, len(train_loader)))
         model.to(device)
@@ -132,10 +135,10 @@ def run_cell(
         }
         if settings.evaluate:
             with meter.phase("eval"):
-                predictions, references, n = predict(model, eval_loader, task, device, settings.precision, progress)
+                outputs, n = predict(model, eval_loader, task, device, settings.precision, progress, preprocessor)
             record["metrics"] = {
                 name: {
-                    "value": METRICS[name](predictions, references),
+                    "value": METRICS[name](*outputs[METRICS[name].reads]),
                     "higher_is_better": METRICS[name].higher_is_better,
                 }
                 for name in task.metrics

@@ -195,6 +195,23 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config) -> t
     return nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
 
 
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss Hugging Face's causal LMs compute: position i predicts label i + 1, labels of -100 left out, the mean
+    in fp32."""
+    return nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+    )
+
+
+def classifier_only(anatomy: Anatomy) -> str | None:
+    """For `unsupported`: a method whose output is a fresh classifier's logits serves no language-model head."""
+    if anatomy.head.reads == "every":
+        return (
+            "its output is a classifier on pooled features; a causal_lm task needs next-token logits at every position"
+        )
+    return None
+
+
 class FrozenBackboneClassifier(nn.Module):
     """forward(**batch) = trainable_path(frozen_features(batch), mask) -> SequenceClassifierOutput(loss, logits).
 
@@ -220,10 +237,21 @@ class FrozenBackboneClassifier(nn.Module):
         is back-propagated."""
         raise NotImplementedError
 
+    @property
+    def language_model(self) -> bool:
+        """Whether the model's head is a language model's (a causal_lm task): the method's output is then the
+        next-token logits of every position, and the loss Hugging Face's causal LMs compute."""
+        return self.anatomy.head.reads == "every"
+
     def forward(self, labels=None, **inputs):
         features = self.frozen_features(inputs)
         logits = self.trainable_path(features, inputs.get("attention_mask"))
-        loss = classification_loss(logits, labels, self.config) if labels is not None else None
+        if labels is None:
+            loss = None
+        elif self.language_model:
+            loss = next_token_loss(logits, labels)
+        else:
+            loss = classification_loss(logits, labels, self.config)
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 

@@ -3,7 +3,9 @@
 A subclass says which peft config it wants (`peft_config`) and how many
 parameters that config adds, computed from the model's shapes
 (`adapter_params`). The task head is always trained in full: peft's
-`modules_to_save` keeps a trainable copy of it, and it is counted here.
+`modules_to_save` keeps a trainable copy of it, and it is counted here. A
+causal LM has no task head (harness.method.head_parameters): its pretrained
+head stays frozen, and peft's task type follows the task.
 """
 
 from harness.method import Method, count, freeze_all, head_parameters
@@ -29,9 +31,18 @@ class PeftMethod(Method):
         return self.adapter_params(model, task) + count(head_parameters(model).values())
 
 
-def head_names(model) -> list[str]:
-    """Top-level module names of the head, for peft's modules_to_save."""
-    return sorted({name.split(".")[0] for name in head_parameters(model)})
+def peft_task_type(task):
+    """peft's task type follows the task: a causal LM's (its wrapper then generates, and prompts its labels), else
+    sequence classification."""
+    from peft import TaskType
+
+    return TaskType.CAUSAL_LM if task.is_causal_lm else TaskType.SEQ_CLS
+
+
+def head_names(model) -> list[str] | None:
+    """Top-level module names of the head, for peft's modules_to_save; None when there is no task head to train
+    (a causal LM's)."""
+    return sorted({name.split(".")[0] for name in head_parameters(model)}) or None
 
 
 def modules(model, names):

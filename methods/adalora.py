@@ -47,7 +47,7 @@ import weakref
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from harness.anatomy import in_out_features
-from methods._peft import PeftMethod, head_names, modules
+from methods._peft import PeftMethod, head_names, modules, peft_task_type
 from methods._targets import SHORT_NAMES, check_targets, linear_names
 
 FALLBACK_STEPS = 1000  # the schedule's length when neither total_step nor a harness run gives one
@@ -102,12 +102,12 @@ class AdaLoRA(PeftMethod):
         return FALLBACK_STEPS
 
     def peft_config(self, model, task):
-        from peft import AdaLoraConfig, TaskType
+        from peft import AdaLoraConfig
 
         h = self.hparams
         total_step = self.total_step()
         return AdaLoraConfig(
-            task_type=TaskType.SEQ_CLS,
+            task_type=peft_task_type(task),
             init_r=h["init_r"],
             target_r=h["target_r"],
             lora_alpha=h["alpha"],

@@ -66,6 +66,13 @@ class DePTModel(torch.nn.Module):
             attention_mask = torch.cat([attention_mask.new_ones(batch, virtual), attention_mask], dim=1)
         if token_type_ids is not None:  # passed on only when given: decoders such as Llama take none
             kwargs["token_type_ids"] = torch.cat([token_type_ids.new_zeros(batch, virtual), token_type_ids], dim=1)
+        labels = kwargs.get("labels")
+        if labels is not None and labels.dim() == 2:  # a causal LM's labels of every position: the prompt predicts none
+            kwargs["labels"] = torch.cat([labels.new_full((batch, virtual), -100), labels], dim=1)
+        positions = kwargs.get("position_ids")
+        if positions is not None:  # the prompt takes the first positions, the text follows
+            prompt_positions = torch.arange(virtual, device=positions.device).expand(batch, -1)
+            kwargs["position_ids"] = torch.cat([prompt_positions, positions + virtual], dim=1)
         return self.model(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
 
 

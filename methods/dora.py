@@ -28,7 +28,7 @@ whole, a departure the paper, written for unfused layers, did not meet.
 """
 
 from harness.anatomy import in_out_features
-from methods._peft import PeftMethod, head_names, modules
+from methods._peft import PeftMethod, head_names, modules, peft_task_type
 from methods._targets import check_targets, linear_names
 
 
@@ -52,10 +52,10 @@ class DoRA(PeftMethod):
         check_targets(self.hparams["target_modules"])
 
     def peft_config(self, model, task):
-        from peft import LoraConfig, TaskType
+        from peft import LoraConfig
 
         return LoraConfig(
-            task_type=TaskType.SEQ_CLS,
+            task_type=peft_task_type(task),
             use_dora=True,
             r=self.hparams["r"],
             lora_alpha=self.hparams["alpha"],

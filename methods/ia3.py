@@ -25,7 +25,7 @@ whole layers: a departure the paper, on T0's unfused layers, did not meet.
 """
 
 from harness.anatomy import in_out_features
-from methods._peft import PeftMethod, head_names, modules
+from methods._peft import PeftMethod, head_names, modules, peft_task_type
 from methods._targets import check_targets, linear_names
 
 
@@ -53,11 +53,11 @@ class IA3(PeftMethod):
         return names, ff
 
     def peft_config(self, model, task):
-        from peft import IA3Config, TaskType
+        from peft import IA3Config
 
         names, ff = self._targets(model)
         return IA3Config(
-            task_type=TaskType.SEQ_CLS,
+            task_type=peft_task_type(task),
             target_modules=names,
             feedforward_modules=sorted(ff),
             modules_to_save=head_names(model),

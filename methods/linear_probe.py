@@ -21,6 +21,11 @@ class LinearProbe(Method):
     trains = "task head"
     default_lr = 1e-3
 
+    def unsupported(self, anatomy):
+        if anatomy.head.reads == "every":
+            return "a causal LM's head is its pretrained output embeddings: there is no task head to probe"
+        return None
+
     def apply(self, model, task):
         freeze_all(model)
         for p in head_parameters(model).values():

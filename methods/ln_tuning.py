@@ -21,7 +21,7 @@ as BitFit's, which also trains only vectors.
 import warnings
 
 from harness.anatomy import describe
-from methods._peft import PeftMethod, head_names
+from methods._peft import PeftMethod, head_names, peft_task_type
 
 
 class LayerNormTuning(PeftMethod):
@@ -33,10 +33,10 @@ class LayerNormTuning(PeftMethod):
     default_lr = 1e-3
 
     def peft_config(self, model, task):
-        from peft import LNTuningConfig, TaskType
+        from peft import LNTuningConfig
 
         return LNTuningConfig(
-            task_type=TaskType.SEQ_CLS,
+            task_type=peft_task_type(task),
             target_modules=sorted(n.path for n in describe(model).norms()),
             modules_to_save=head_names(model),
         )

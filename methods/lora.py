@@ -13,7 +13,7 @@ slices of c_attn.
 """
 
 from harness.anatomy import in_out_features
-from methods._peft import PeftMethod, head_names, modules
+from methods._peft import PeftMethod, head_names, modules, peft_task_type
 from methods._targets import check_targets, linear_names
 
 
@@ -32,10 +32,10 @@ class LoRA(PeftMethod):
         check_targets(self.hparams["target_modules"])
 
     def peft_config(self, model, task):
-        from peft import LoraConfig, TaskType
+        from peft import LoraConfig
 
         return LoraConfig(
-            task_type=TaskType.SEQ_CLS,
+            task_type=peft_task_type(task),
             r=self.hparams["r"],
             lora_alpha=self.hparams["alpha"],
             lora_dropout=self.hparams["dropout"],

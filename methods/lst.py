@@ -10,7 +10,8 @@ default 8, and the backbone's numbers of attention and key/value heads; plus,
 on a pre-norm backbone, a final norm of the side width), the ladders (one
 linear down-projection of the embedding output and of every block's output to
 the side width), one gate scalar per side block, the up-projection of the side
-network's output to the backbone's width, and the classification head on it.
+network's output to the backbone's width, and the classification head on it (none on a causal LM,
+whose own LM head reads the side network, frozen).
 Not back-propagated through: the backbone. It runs under torch.no_grad, so it
 builds no graph, saves no activation and receives no gradient; the side
 network reads its hidden states through the ladders, whose down-projections
@@ -33,12 +34,15 @@ field lst does not know), when r does not divide the hidden, FFN or head width,
 or when it leaves an odd rotary head.
 
 Departures from the paper:
-- Backbone: an encoder, decoder or ViT classifying with a head, not T5
-  generating the label. As the paper feeds the up-projected side output to the
-  backbone's LM head, this feeds the up-projected side state where the
-  backbone's own head reads ([CLS], a decoder's last real token; or the mean
-  over tokens, `pooling: mean`) to a fresh linear classifier of the backbone's
-  width.
+- Backbone: a decoder-only language model (a causal_lm task) or an encoder,
+  decoder or ViT classifying with a head, not T5. On a language model, as in
+  the paper, the up-projected side states of every position go through the
+  backbone's own frozen LM head (the side network's final norm standing in for
+  the backbone's). On a classification task, as the paper feeds the
+  up-projected side output to the backbone's LM head, this feeds the
+  up-projected side state where the backbone's own head reads ([CLS], a
+  decoder's last real token; or the mean over tokens, `pooling: mean`) to a
+  fresh linear classifier of the backbone's width.
 - Side initialisation (`init: prune`, the default, as in the paper): each
   side weight is a structured slice of the matching backbone weight, role by
   role (q, k, v, o, FFN in/gate/out and the norms, fused projections such as
@@ -177,7 +181,9 @@ class LadderSideNetwork(FrozenBackboneClassifier):
         self.gate_logits = nn.Parameter(torch.zeros(len(self.kept)))  # alpha_i; mu_i = sigmoid(alpha_i / T)
         self.side_layers = nn.ModuleList(new_block(anatomy, self.side_config, j) for j in range(len(self.kept)))
         self.up = nn.Linear(width, hidden)
-        self.head = ClassifierHead(hidden, config)
+        # a language model's output is the backbone's own (frozen) LM head on the up-projected side states, as in
+        # the paper; a classifier's, a fresh linear head
+        self.head = anatomy.head.input.module if self.language_model else ClassifierHead(hidden, config)
         self.temperature, self.pooling = gate_temperature, pooling
         init_fresh(self.side_layers, getattr(config, "initializer_range", 0.02))
         # a pre-norm stack normalises after its last block; so does the side network, with a norm of its blocks' class
@@ -231,6 +237,8 @@ class LadderSideNetwork(FrozenBackboneClassifier):
             side = states.calls[i].run(layer, side)
         if self.final_norm is not None:
             side = self.final_norm(side)
+        if self.language_model:
+            return self.head(self.up(side))
         return self.head(self.up(self.pool(side, attention_mask, self.pooling)))
 
 
@@ -428,4 +436,5 @@ class LadderSideTuning(Method):
         final_norm = shrunk(anatomy.final_norm.module) if anatomy.final_norm is not None else 0
         ladders = (layers + 1) * (hidden * width + width)
         up = width * hidden + hidden
-        return ladders + layers + side + final_norm + up + ClassifierHead.size(hidden, task.num_labels)
+        head = 0 if anatomy.head.reads == "every" else ClassifierHead.size(hidden, task.num_labels)  # LM head: frozen
+        return ladders + layers + side + final_norm + up + head

@@ -26,7 +26,7 @@ learning rate 1e-3 is a documented choice for this encoder (peft's P-tuning
 sequence-classification example uses it).
 """
 
-from methods._peft import PeftMethod, head_names
+from methods._peft import PeftMethod, head_names, peft_task_type
 from methods._prompts import check_room, no_token_embeddings, prompt_shape, read_text_states, token_width
 
 
@@ -55,7 +55,7 @@ class PTuning(PeftMethod):
         return self.hparams["encoder_hidden_size"] or token_width(model) // 2
 
     def peft_config(self, model, task):
-        from peft import PromptEncoderConfig, PromptEncoderReparameterizationType, TaskType
+        from peft import PromptEncoderConfig, PromptEncoderReparameterizationType
 
         check_room(model, self.hparams["num_virtual_tokens"], self.name)
         kind = (
@@ -64,7 +64,7 @@ class PTuning(PeftMethod):
             else PromptEncoderReparameterizationType.MLP
         )
         return PromptEncoderConfig(
-            task_type=TaskType.SEQ_CLS,
+            task_type=peft_task_type(task),
             num_virtual_tokens=self.hparams["num_virtual_tokens"],
             encoder_reparameterization_type=kind,
             encoder_hidden_size=self._hidden(model),

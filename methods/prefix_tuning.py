@@ -43,7 +43,7 @@ import types
 import torch
 
 from harness.anatomy import describe
-from methods._peft import PeftMethod, head_names
+from methods._peft import PeftMethod, head_names, peft_task_type
 from methods._prompts import read_text_states
 
 
@@ -105,10 +105,10 @@ class PrefixTuning(PeftMethod):
         return [{"params": prefix, "lr": lr}, {"params": head, "lr": self.hparams["head_lr"]}]
 
     def peft_config(self, model, task):
-        from peft import PrefixTuningConfig, TaskType
+        from peft import PrefixTuningConfig
 
         return PrefixTuningConfig(
-            task_type=TaskType.SEQ_CLS,
+            task_type=peft_task_type(task),
             num_virtual_tokens=self.hparams["num_virtual_tokens"],
             prefix_projection=self.hparams["projection"],
             encoder_hidden_size=self.hparams["projection_hidden"],

@@ -26,7 +26,7 @@ post-LayerNorm encoder the default is 3e-2 (Adam's step does not scale with
 the parameter's size as Adafactor's does).
 """
 
-from methods._peft import PeftMethod, head_names
+from methods._peft import PeftMethod, head_names, peft_task_type
 from methods._prompts import check_room, no_token_embeddings, prompt_shape, read_text_states, token_width
 
 
@@ -49,12 +49,12 @@ class PromptTuning(PeftMethod):
         return no_token_embeddings(anatomy)
 
     def peft_config(self, model, task):
-        from peft import PromptTuningConfig, PromptTuningInit, TaskType
+        from peft import PromptTuningConfig, PromptTuningInit
 
         check_room(model, self.hparams["num_virtual_tokens"], self.name)
         init = PromptTuningInit.SAMPLE_VOCAB if self.hparams["init"] == "sample_vocab" else PromptTuningInit.RANDOM
         return PromptTuningConfig(
-            task_type=TaskType.SEQ_CLS,
+            task_type=peft_task_type(task),
             num_virtual_tokens=self.hparams["num_virtual_tokens"],
             prompt_tuning_init=init,
             **prompt_shape(model),

@@ -79,7 +79,14 @@ from torch import nn
 
 from harness.anatomy import describe
 from harness.method import Method, freeze_all
-from methods._frozen import POOLINGS, ClassifierHead, FrozenBackboneClassifier, frozen_states, token_mask
+from methods._frozen import (
+    POOLINGS,
+    ClassifierHead,
+    FrozenBackboneClassifier,
+    classifier_only,
+    frozen_states,
+    token_mask,
+)
 
 
 class AntiRedundancyAggregation(nn.Module):
@@ -177,6 +184,9 @@ class SHERL(Method):
                 f"late_layers {self.hparams['late_layers']} leaves none of the backbone's {layers} "
                 "layers in the early route; use fewer"
             )
+
+    def unsupported(self, anatomy):
+        return classifier_only(anatomy)
 
     def apply(self, model, task):
         self._check_depth(model)

@@ -47,7 +47,15 @@ from torch import nn
 
 from harness.anatomy import describe
 from harness.method import Method, freeze_all
-from methods._frozen import POOLINGS, ClassifierHead, FrozenBackboneClassifier, frozen_states, pool, token_mask
+from methods._frozen import (
+    POOLINGS,
+    ClassifierHead,
+    FrozenBackboneClassifier,
+    classifier_only,
+    frozen_states,
+    pool,
+    token_mask,
+)
 
 
 class UniPTNetwork(FrozenBackboneClassifier):
@@ -112,6 +120,9 @@ class UniPT(Method):
             raise ValueError("downsample_factor must be at least 1")
         if self.hparams["pooling"] not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.hparams['pooling']!r}")
+
+    def unsupported(self, anatomy):
+        return classifier_only(anatomy)
 
     def apply(self, model, task):
         freeze_all(model)

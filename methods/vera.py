@@ -22,7 +22,7 @@ whole, a departure the paper, written for unfused layers, did not meet.
 """
 
 from harness.anatomy import in_out_features
-from methods._peft import PeftMethod, head_names, modules
+from methods._peft import PeftMethod, head_names, modules, peft_task_type
 from methods._targets import check_targets, linear_names
 
 
@@ -41,10 +41,10 @@ class VeRA(PeftMethod):
         check_targets(self.hparams["target_modules"])
 
     def peft_config(self, model, task):
-        from peft import TaskType, VeraConfig
+        from peft import VeraConfig
 
         return VeraConfig(
-            task_type=TaskType.SEQ_CLS,
+            task_type=peft_task_type(task),
             r=self.hparams["r"],
             d_initial=self.hparams["d_initial"],
             vera_dropout=self.hparams["dropout"],

@@ -64,7 +64,7 @@ from harness.anatomy import describe
 from harness.method import Method, freeze_all
 from methods import _attention
 from methods._attention import QueryRows, rows_mask
-from methods._frozen import ClassifierHead, FrozenBackboneClassifier, frozen_states, token_mask
+from methods._frozen import ClassifierHead, FrozenBackboneClassifier, classifier_only, frozen_states, token_mask
 
 
 class QueryTuning(FrozenBackboneClassifier):
@@ -129,7 +129,7 @@ class VisualQueryTuning(Method):
             raise ValueError("dropout must be in [0, 1)")
 
     def unsupported(self, anatomy):
-        return _attention.unsupported(anatomy)
+        return classifier_only(anatomy) or _attention.unsupported(anatomy)
 
     def apply(self, model, task):
         freeze_all(model)

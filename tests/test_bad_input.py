@@ -17,6 +17,7 @@ import pytest
 from harness.cli import main
 
 GOOD_METHOD = "methods: [{method: linear_probe}]"
+GOOD_LM = "methods: [{method: lora}]"  # a method that trains a causal LM (a linear probe has no head to train there)
 
 # (id, suite text, extra files {name: content}, words the one-line message must contain)
 CASES = [
@@ -152,6 +153,67 @@ CASES = [
         "metrics: [accuracy]}]\n" + GOOD_METHOD,
         {"d.csv": "text,label\nhello,0.5\n"},
         ["does not fit a regression task"],
+    ),
+    # causal-LM tasks, random-weights configs and frozen-weight dtypes
+    (
+        "lm-without-prompt",
+        "tasks: [{name: gen, local: glue/sst2, type: causal_lm, target: ' {label}', metrics: [exact_match]}]\n"
+        + GOOD_LM,
+        {},
+        ["tasks[0].prompt", "needs a prompt template"],
+    ),
+    (
+        "lm-without-target",
+        "tasks: [{name: gen, local: glue/sst2, type: causal_lm, prompt: '{sentence}', metrics: [exact_match]}]\n"
+        + GOOD_LM,
+        {},
+        ["tasks[0].target", "needs a target template"],
+    ),
+    (
+        "lm-template-names-a-missing-column",
+        "tasks: [{name: gen, local: glue/sst2, type: causal_lm, prompt: 'Review: {review}', target: ' {label}', "
+        "metrics: [exact_match]}]\n" + GOOD_LM,
+        {},
+        ["task gen", "missing column(s) ['review']", "templates"],
+    ),
+    (
+        "lm-verbalizer-gap",
+        "tasks: [{name: gen, local: glue/sst2, type: causal_lm, prompt: '{sentence}', target: ' {label}', "
+        "verbalizer: {label: {0: negative}}, metrics: [exact_match]}]\n" + GOOD_LM,
+        {},
+        ["column 'label' holds ['1']", "verbalizer"],
+    ),
+    (
+        "lm-metric-on-a-classifier",
+        "tasks: [{name: mine, local: glue/sst2, text_columns: [sentence], num_labels: 2, metrics: [exact_match]}]\n"
+        + GOOD_METHOD,
+        {},
+        ["exact_match", "does not fit a classification task"],
+    ),
+    ("lm-on-an-encoder", "tasks: [sst2_lm]\n" + GOOD_LM, {}, ["sst2_lm is causal_lm", "bidirectional encoder"]),
+    (
+        "unknown-config-name",
+        "backbone: {config: llama-3.2-1B, weights: random}\ntasks: [sst2_lm]\n" + GOOD_LM,
+        {},
+        ["llama-3.2-1B", "did you mean 'llama-3.2-1b'"],
+    ),
+    (
+        "four-bit-weights",
+        "backbone: {config: llama-tiny, dtype: nf4}\ntasks: [sst2_lm]\n" + GOOD_LM,
+        {},
+        ["backbone.dtype", "nf4"],
+    ),
+    (
+        "fill-on-pretrained-weights",
+        "tasks: [sst2]\n" + GOOD_METHOD + "\ntrain: {padding: fill}",
+        {},
+        ["train.padding", "pretrained model's input"],
+    ),
+    (
+        "bf16-weights-trained-in-fp32",
+        "backbone: {config: llama-tiny, dtype: bf16}\ntasks: [sst2_lm]\n" + GOOD_LM,
+        {},
+        ["backbone.dtype", "precision: bf16"],
     ),
 ]
 

@@ -103,4 +103,4 @@ def test_a_random_weight_vit_from_its_shipped_config_classifies_processed_digits
     meter = Meter(model, torch.device("cpu"), timing_warmup_steps=0)
     with meter.step(batch):
         pass
-    assert meter.steps[0][1:] == (8, 8 * (32 // 4) ** 2), "samples, and patches for tokens"
+    assert meter.steps[0][1:] == (8, 8 * (32 // 4) ** 2, 0), "samples, patches for tokens, no target tokens"

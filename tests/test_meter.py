@@ -1,5 +1,7 @@
 """The meter's exact figures agree with counts worked out by hand."""
 
+import numpy as np
+import pytest
 import torch
 
 from harness.config import TrainSettings
@@ -199,3 +201,21 @@ train: {max_steps: 4, batch_size: 8, max_train_samples: 64, max_seq_length: 48, 
     }
     assert figures["full"]["count_activations"] == "per_shape"
     assert figures["tokentune"]["count_activations"] == "every_step"
+
+
+def test_reserved_memory_is_read_after_every_step_and_summarised_as_peft_does(monkeypatch):
+    """CUDA's reserved memory after each step gives max, mean and p99 (faked here: the readings a device would
+    give, in order)."""
+    readings = iter([100, 300, 200, 1000])
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: next(readings))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    model = tiny_bert(toy_task())
+    meter = Meter(model, torch.device("cpu"), timing_warmup_steps=0)
+    meter.cuda = True
+    for _ in range(4):
+        with meter.step(toy_batch(toy_task())):
+            pass
+    summary = meter.summary()
+    assert summary["reserved_max_bytes"] == 1000 and summary["reserved_mean_bytes"] == 400
+    assert summary["reserved_p99_bytes"] == pytest.approx(np.percentile([100, 300, 200, 1000], 99))
+    assert "reserved_max_bytes" not in Meter(model, torch.device("cpu")).summary(), "no CUDA, no figure"

@@ -161,7 +161,11 @@ def test_glue_tasks_use_official_metrics():
         "rte": "accuracy",
         "wnli": "accuracy",
     }
-    glue = {name: task.primary_metric for name, task in BUILTIN_TASKS.items() if task.modality == "text"}
+    glue = {
+        name: task.primary_metric
+        for name, task in BUILTIN_TASKS.items()
+        if task.modality == "text" and not task.is_causal_lm
+    }
     assert glue == official
     assert set(BUILTIN_TASKS["stsb"].metrics) == {"pearson", "spearman"}
     assert set(BUILTIN_TASKS["mrpc"].metrics) == {"f1", "accuracy"}
@@ -174,6 +178,8 @@ def test_glue_tasks_use_official_metrics():
         "pearson": True,
         "spearman": True,
         "mse": False,
+        "exact_match": True,
+        "perplexity": False,
     }
 
 
@@ -183,6 +189,7 @@ def test_glue_tasks_use_official_metrics():
 def test_which_metrics_fit_a_task_type_comes_from_their_declarations():
     assert metrics.fitting("classification") == ["accuracy", "f1", "macro_f1", "matthews_correlation"]
     assert metrics.fitting("regression") == ["mse", "pearson", "spearman"]
+    assert metrics.fitting("causal_lm") == ["exact_match", "perplexity"]
 
 
 def test_a_declaration_must_say_higher_is_better_and_a_known_task_type():

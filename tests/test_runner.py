@@ -154,7 +154,8 @@ def test_recorded_metrics_are_those_of_the_predictions(tiny_suite, data_dir, mon
     monkeypatch.setattr(worker, "predict", keep)
     records = {cell.task.name: worker.run_cell(cell, data_dir, "cpu", progress=False) for cell in cells}
     assert [r["status"] for r in records.values()] == ["ok", "ok"], [r.get("error") for r in records.values()]
-    (sst2_pred, sst2_ref, n), (stsb_pred, stsb_ref, _) = outputs
+    (sst2, n), (stsb, _) = outputs
+    (sst2_pred, sst2_ref), (stsb_pred, stsb_ref) = sst2["predictions"], stsb["predictions"]
 
     labels = pd.read_parquet(data_dir / "glue" / "sst2" / "validation.parquet")["label"].to_numpy()
     assert n == len(labels) and np.array_equal(sst2_ref, labels)

@@ -5,6 +5,8 @@ and parsed by `TaskSpec.from_mapping`; a suite declares new tasks the same way.
 A task's metrics are names from harness/metrics.py or plugin metrics (module:function).
 """
 
+import re
+import string
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import yaml
 from harness import metrics as metric_registry
 from harness.errors import UserError
 
-_ADDED_LATER = ("image_column", "sklearn")
+_ADDED_LATER = ("image_column", "sklearn", "prompt", "target", "verbalizer", "answer_pattern")
 TASK_KEYS = {
     "description",
     "local",
@@ -29,6 +31,10 @@ TASK_KEYS = {
     "primary_metric",
     "train_split",
     "eval_split",
+    "prompt",
+    "target",
+    "verbalizer",
+    "answer_pattern",
 }
 
 
@@ -38,7 +44,7 @@ class TaskSpec:
     text_columns: tuple[str, ...]
     metrics: tuple[str, ...]
     primary_metric: str
-    type: str = "classification"  # or "regression"
+    type: str = "classification"  # or "regression", or "causal_lm" (generate the target from the prompt)
     num_labels: int = 1
     label_column: str = "label"
     description: str = ""
@@ -49,10 +55,19 @@ class TaskSpec:
     eval_split: str = "validation"
     image_column: str | None = None  # an image task's input: file paths, or image bytes as `datasets` stores them
     sklearn: str | None = None  # a scikit-learn loader whose offline data the task reads (harness.data.SKLEARN)
+    # causal_lm tasks (harness.causal_lm): templates over the columns; the loss covers the target's tokens only
+    prompt: str | None = None  # e.g. "Review: {sentence}\nSentiment:"
+    target: str | None = None  # e.g. " {label}"
+    verbalizer: dict | None = None  # column -> {value as a string: text}, applied before the templates
+    answer_pattern: str | None = None  # regex: its last match (group 1 if any) is the answer exact_match compares
 
     @property
     def is_regression(self) -> bool:
         return self.type == "regression"
+
+    @property
+    def is_causal_lm(self) -> bool:
+        return self.type == "causal_lm"
 
     @property
     def modality(self) -> str:
@@ -85,8 +100,14 @@ class TaskSpec:
 
         task_type = raw.get("type", "classification")
         if task_type not in metric_registry.TASK_TYPES:
-            raise UserError(f"{where}.type", f"'{task_type}' is not a task type", "use classification or regression")
-        num_labels = raw.get("num_labels", 1 if task_type == "regression" else None)
+            raise UserError(
+                f"{where}.type",
+                f"'{task_type}' is not a task type",
+                f"use one of {', '.join(metric_registry.TASK_TYPES)}",
+            )
+        if task_type == "causal_lm" and "num_labels" in raw:
+            raise UserError(f"{where}.num_labels", "a causal_lm task generates text, it has no labels", "remove it")
+        num_labels = raw.get("num_labels", 1 if task_type in ("regression", "causal_lm") else None)
         if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 1:
             raise UserError(
                 f"{where}.num_labels", "must be a positive integer", "give the number of classes, e.g. num_labels: 2"
@@ -147,6 +168,18 @@ class TaskSpec:
         for key, value in strings.items():
             if not isinstance(value, str):
                 raise UserError(f"{where}.{key}", "must be a string", f"quote the value of {key}")
+        generation = _causal_lm_fields(raw, where) if task_type == "causal_lm" else {}
+        for key in ("prompt", "target", "verbalizer", "answer_pattern"):
+            if key in raw and not generation:
+                raise UserError(
+                    f"{where}.{key}", f"only a causal_lm task reads {key}", "set type: causal_lm, or remove it"
+                )
+        if generation:
+            if "text_columns" in raw or "image_column" in raw:
+                raise UserError(
+                    where, "a causal_lm task reads the columns its templates name", "remove text_columns/image_column"
+                )
+            raw = {**raw, "text_columns": list(generation.pop("columns"))}
         if ("text_columns" in raw) == ("image_column" in raw):
             raise UserError(
                 where,
@@ -154,7 +187,7 @@ class TaskSpec:
                 "give text_columns: [...] for text, or image_column: NAME for images",
             )
         text_columns = need_list("text_columns") if "text_columns" in raw else ()
-        if len(text_columns) > 2:  # a tokenizer takes a text and an optional pair; a third would be dropped
+        if len(text_columns) > 2 and not generation:  # a tokenizer takes a text and a pair; a third would be dropped
             raise UserError(
                 f"{where}.text_columns",
                 f"{len(text_columns)} text columns; a task reads one text or a pair",
@@ -172,7 +205,69 @@ class TaskSpec:
             data_files=data_files,
             hub=hub,
             **strings,
+            **generation,
         )
+
+
+def template_fields(template: str, where: str) -> tuple[str, ...]:
+    """The column names a `str.format` template reads, in order; a UserError for a malformed one."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise UserError(
+            where, f"{template!r} is not a template: {exc}", "write {column} for a column, {{ for a brace"
+        ) from None
+    for field_name in fields:
+        if not field_name or any(ch in field_name for ch in ".["):  # positional, attribute or index fields
+            raise UserError(where, f"{{{field_name}}} is not a column name", "write {column}, e.g. {sentence}")
+    return tuple(dict.fromkeys(fields))
+
+
+def _causal_lm_fields(raw: dict, where: str) -> dict:
+    """A causal_lm task's prompt and target templates, verbalizer and answer pattern, checked; `columns` are the
+    ones the templates read."""
+    columns = ()
+    for key in ("prompt", "target"):
+        if not isinstance(raw.get(key), str) or not raw[key]:
+            raise UserError(
+                f"{where}.{key}",
+                f"a causal_lm task needs a {key} template",
+                'e.g. prompt: "Review: {sentence}\\nSentiment:", target: " {label}"',
+            )
+        columns += template_fields(raw[key], f"{where}.{key}")
+    if not template_fields(raw["target"], f"{where}.target"):
+        raise UserError(f"{where}.target", "the target names no column", 'e.g. target: " {label}"')
+    verbalizer = raw.get("verbalizer")
+    if verbalizer is not None:
+        if not isinstance(verbalizer, dict) or not all(
+            isinstance(words, dict) and words and all(isinstance(w, str) for w in words.values())
+            for words in verbalizer.values()
+        ):
+            raise UserError(
+                f"{where}.verbalizer", "must map a column to {value: text}", "e.g. verbalizer: {label: {0: negative}}"
+            )
+        unknown = [c for c in verbalizer if c not in columns]
+        if unknown:
+            raise UserError(f"{where}.verbalizer", f"no template reads column '{unknown[0]}'", "name a column of them")
+        # JSON keys are strings: a record's task must read back as the suite wrote it
+        verbalizer = {c: {str(k): v for k, v in words.items()} for c, words in verbalizer.items()}
+    pattern = raw.get("answer_pattern")
+    if pattern is not None:
+        try:
+            groups = re.compile(pattern).groups if isinstance(pattern, str) else -1
+        except re.error as exc:
+            raise UserError(f"{where}.answer_pattern", f"not a regular expression: {exc}", "fix the pattern") from None
+        if groups not in (0, 1):
+            raise UserError(
+                f"{where}.answer_pattern", "must be a regex string with at most one group", r"e.g. '(-?\\d+)'"
+            )
+    return {
+        "prompt": raw["prompt"],
+        "target": raw["target"],
+        "verbalizer": verbalizer,
+        "answer_pattern": pattern,
+        "columns": tuple(dict.fromkeys(columns)),
+    }
 
 
 def _load_builtin() -> dict[str, TaskSpec]:

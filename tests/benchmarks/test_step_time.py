@@ -84,7 +84,7 @@ def harness_loop(model, groups, batches, settings, device) -> list[float]:
     meter = Meter(model, device, settings.timing_warmup_steps)
     with meter.phase("train"):
         train(model, groups, batches, settings, device, meter, progress=False)
-    return [seconds for seconds, _, _ in meter.steps]
+    return [seconds for seconds, *_ in meter.steps]
 
 
 def bare_loop(model, groups, batches, settings, device) -> list[float]:
@@ -241,7 +241,7 @@ def test_meter_overhead(benchmark, pretrained, batches, settings, device):
             meter = Meter(model, device, short.timing_warmup_steps, enabled=label == "on")
             with meter.phase("train"):
                 train(model, groups, batches[: short.max_steps], short, device, meter, progress=False)
-            times[label].append(statistics.median(s for s, _, _ in meter.steps[WARMUP:]))
+            times[label].append(statistics.median(s for s, *_ in meter.steps[WARMUP:]))
 
     benchmark.pedantic(paired_round, rounds=2, warmup_rounds=0)
     on, off = statistics.median(times["on"]), statistics.median(times["off"])
