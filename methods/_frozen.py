@@ -3,7 +3,8 @@ the autograd graph (side and parallel networks): the backbone's hidden states
 computed by its own forward under `torch.no_grad`, the way it calls its blocks
 (so chosen blocks can run again on other inputs), a fresh classification head
 that reads where the backbone's own head reads, and the task loss exactly as
-Hugging Face's sequence-classification models compute it.
+Hugging Face's sequence-classification models compute it (or, for a causal_lm
+task, as its causal LMs do, on next-token logits of every position).
 
 Any family harness.anatomy describes works: the hidden states are the inputs
 and outputs of the blocks the anatomy found, caught by hooks while the base

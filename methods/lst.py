@@ -10,8 +10,8 @@ default 8, and the backbone's numbers of attention and key/value heads; plus,
 on a pre-norm backbone, a final norm of the side width), the ladders (one
 linear down-projection of the embedding output and of every block's output to
 the side width), one gate scalar per side block, the up-projection of the side
-network's output to the backbone's width, and the classification head on it (none on a causal LM,
-whose own LM head reads the side network, frozen).
+network's output to the backbone's width, and the classification head on it
+(none on a causal LM, whose own LM head, frozen, reads the side network).
 Not back-propagated through: the backbone. It runs under torch.no_grad, so it
 builds no graph, saves no activation and receives no gradient; the side
 network reads its hidden states through the ladders, whose down-projections
