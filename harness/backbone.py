@@ -40,7 +40,7 @@ class Backbone:
     trust_remote_code: bool = False
     pooling: str = "auto"
     weights: str = "pretrained"  # or "random": built from the config, seeded by the cell's seed
-    dtype: str = "fp32"  # the frozen weights' storage (DTYPES); trainable parameters stay fp32
+    dtype: str = "fp32"  # the frozen weights' storage (DTYPES or QUANTISED); trainable parameters stay fp32
 
     @property
     def random(self) -> bool:
@@ -48,16 +48,75 @@ class Backbone:
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# bitsandbytes' frozen weights: QLoRA's 4-bit NormalFloat (double-quantised constants) and LLM.int8(); both compute
+# in bf16, the dtype the rest of the frozen weights are kept in
+QUANTISED = ("nf4", "int8")
+PRECISION = {"bf16": "bf16", "fp16": "fp16", "nf4": "bf16", "int8": "bf16"}  # the autocast each dtype needs
+
+
+def quantise_blocks(model: torch.nn.Module, dtype: str, device: torch.device) -> int:
+    """Every plain nn.Linear of the transformer blocks (q, k, v, o, the FFN's: what QLoRA quantises) replaced by
+    bitsandbytes' layer for `dtype` holding the same weight, frozen, and quantised on `device` (where bitsandbytes
+    quantises: moving there); the embeddings, norms and head stay (harness.anatomy finds the blocks). Called
+    before the method is applied, so that it wraps the quantised layers as peft's QLoRA does. GPT-2's Conv1D
+    layers are not nn.Linear and stay unquantised. Returns the number of layers replaced."""
+    import bitsandbytes as bnb
+
+    from harness.anatomy import describe
+
+    replaced = 0
+    for block in describe(model).blocks:
+        for name, module in list(block.module.named_modules()):
+            if type(module) is not torch.nn.Linear:
+                continue
+            parent = block.module.get_submodule(name.rpartition(".")[0]) if "." in name else block.module
+            weight, bias = module.weight.detach().to(torch.bfloat16), module.bias is not None
+            if dtype == "nf4":
+                layer = bnb.nn.Linear4bit(
+                    module.in_features, module.out_features, bias, compute_dtype=torch.bfloat16, quant_type="nf4"
+                )
+                layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+            else:
+                layer = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias, has_fp16_weights=False)
+                layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+            if bias:
+                layer.bias = torch.nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+            setattr(parent, name.rpartition(".")[2], layer.to(device))
+            replaced += 1
+    return replaced
+
+
+def is_quantised(parameter: torch.Tensor) -> bool:
+    """A bitsandbytes weight (4-bit or 8-bit)."""
+    return type(parameter).__module__.startswith("bitsandbytes")
+
+
+def logical_shape(parameter: torch.Tensor) -> torch.Size:
+    """A weight's shape as the model uses it: a 4-bit weight's packed storage is (values / 2, 1)."""
+    state = getattr(parameter, "quant_state", None)
+    return state.shape if state is not None else parameter.shape
+
+
+def trains_quantised(dtype: str) -> str:
+    return (
+        f"the method trains the blocks' linear weights, which {dtype} keeps quantised and frozen: use a method "
+        "that keeps the backbone frozen (LoRA and the other adapters), or dtype bf16"
+    )
 
 
 def store_frozen(model: torch.nn.Module, dtype: str) -> None:
-    """Frozen parameters stored in `dtype`, trainable ones left in fp32, as peft keeps its adapters: what a user
-    who loads a model in bf16 and trains an adapter on it holds. Called once the method has decided what trains
-    (a parameter tied to another is one parameter, cast once). Buffers keep their dtype (rotary frequencies are
-    computed in fp32 whatever the weights)."""
+    """Frozen parameters stored in `dtype` (for a quantised dtype: the blocks' linear weights quantised by
+    `quantise_blocks`, the rest in bf16), trainable ones left in fp32, as peft keeps its adapters: what a user
+    who loads a model in bf16, or in 4 bits, and trains an adapter on it holds. Called once the method has
+    decided what trains (a parameter tied to another is one parameter, cast once). Buffers keep their dtype
+    (rotary frequencies are computed in fp32 whatever the weights). A ValueError when the method trains a
+    quantised weight (full fine-tuning on nf4): bitsandbytes' weights are frozen."""
+    if any(p.requires_grad and is_quantised(p) for p in model.parameters()):
+        raise ValueError(trains_quantised(dtype))
+    floating = torch.bfloat16 if dtype in QUANTISED else DTYPES[dtype]
     for parameter in model.parameters():
         if not parameter.requires_grad and parameter.is_floating_point():
-            parameter.data = parameter.data.to(DTYPES[dtype])
+            parameter.data = parameter.data.to(floating)
 
 
 def spec(backbone: "Backbone | str | None") -> Backbone:

@@ -7,6 +7,7 @@ A cell is one (task, method entry, seed) with every setting resolved; its
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
 import typing
@@ -348,7 +349,6 @@ def _parse_task(raw, where: str, base_dir: Path, suite_train: dict) -> tuple[Tas
 
 
 BACKBONE_KEYS = {"name", "config", "weights", "trust_remote_code", "pooling", "dtype"}
-QUANTISED = ("nf4", "int8")  # bitsandbytes' 4-bit NormalFloat and 8-bit frozen weights
 
 
 def parse_backbone(raw, where: str) -> backbones.Backbone:
@@ -385,17 +385,11 @@ def parse_backbone(raw, where: str) -> backbones.Backbone:
                 f"{where}.config", f"'{ref}' is neither a shipped config nor a folder with a config.json", fix
             )
     dtype = raw.get("dtype", "fp32")
-    if dtype in QUANTISED:
-        raise UserError(
-            f"{where}.dtype",
-            f"{dtype} frozen weights (bitsandbytes) are not supported yet; they need CUDA, and this harness "
-            "has no bitsandbytes path",
-            f"use one of {', '.join(backbones.DTYPES)}",
-        )
-    if dtype not in backbones.DTYPES:
-        raise UserError(
-            f"{where}.dtype", f"{dtype!r} is not a weight dtype", f"use one of {', '.join(backbones.DTYPES)}"
-        )
+    if dtype not in (*backbones.DTYPES, *backbones.QUANTISED):
+        kinds = ", ".join((*backbones.DTYPES, *backbones.QUANTISED))
+        raise UserError(f"{where}.dtype", f"{dtype!r} is not a weight dtype", f"use one of {kinds}")
+    if dtype in backbones.QUANTISED and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"{where}.dtype", f"{dtype} weights need bitsandbytes", "pip install bitsandbytes")
     if trust:
         warnings.warn(f"{where}: trust_remote_code is on: the backbone's own Python code will run", stacklevel=3)
     return backbones.Backbone(ref, trust, pooling, weights, dtype)
@@ -455,13 +449,14 @@ def load_suite(path: str | Path) -> Suite:
             "use fill with backbone: {config: ..., weights: random}, or padding: max_length",
         )
     if backbone.dtype != "fp32":  # trainable fp32 parameters meet the frozen weights through autocast
-        clash = next((c for c in cells if c.train.precision != backbone.dtype), None)
+        needed = backbones.PRECISION[backbone.dtype]
+        clash = next((c for c in cells if c.train.precision != needed), None)
         if clash is not None:
             raise UserError(
                 f"{where}.backbone.dtype",
-                f"{backbone.dtype} frozen weights need precision: {backbone.dtype} (autocast), but "
+                f"{backbone.dtype} frozen weights need precision: {needed} (autocast), but "
                 f"{clash.entry.label} on {clash.task.name} trains in {clash.train.precision}",
-                f"set train: {{precision: {backbone.dtype}}}",
+                f"set train: {{precision: {needed}}}",
             )
     return suite
 

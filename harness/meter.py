@@ -13,7 +13,8 @@ Exact on any device:
   declares `activations_depend_on_values` (its saved bytes follow the padding
   or sampled values) is counted every step, whatever the setting.
   Deterministic on CPU, so gates can rest on it.
-- frozen/trainable parameter bytes, buffer bytes, gradient bytes (after the
+- frozen/trainable parameter bytes (quantised frozen weights: their packed
+  values and quantisation constants), buffer bytes, gradient bytes (after the
   first backward) and optimizer-state bytes (after the first optimizer step).
 - modelled_peak_bytes: their sum, a model of the training peak that leaves out
   the framework's temporaries and allocator slack.
@@ -75,6 +76,18 @@ def unique_bytes(tensors) -> int:
     for t in tensors:
         seen.setdefault(storage_key(t), storage_bytes(t))
     return sum(seen.values())
+
+
+def quantisation_constants(parameter: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors a quantised weight needs besides its packed values, which are no parameters of the model:
+    bitsandbytes' 4-bit quantisation state (block absmax, code, and the state that quantises the absmax in
+    turn) or its 8-bit row scales (SCB). Empty for any other tensor."""
+    found, state = [], getattr(parameter, "quant_state", None)
+    while state is not None:
+        found += [v for v in vars(state).values() if torch.is_tensor(v)]
+        state = getattr(state, "state2", None)
+    scales = getattr(parameter, "SCB", None)
+    return found + ([scales] if torch.is_tensor(scales) else [])
 
 
 def _fast_key(t: torch.Tensor):
@@ -279,7 +292,7 @@ class Meter:
         frozen = [p for p in self.model.parameters() if not p.requires_grad]
         self.figures.update(
             trainable_param_bytes=unique_bytes(trainable),
-            frozen_param_bytes=unique_bytes(frozen),
+            frozen_param_bytes=unique_bytes([*frozen, *(t for p in frozen for t in quantisation_constants(p))]),
             buffer_bytes=unique_bytes(self.model.buffers()),
         )
 

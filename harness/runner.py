@@ -27,8 +27,8 @@ from harness.formatting import format_bytes
 FINAL_STATUSES = ("ok", "oom", "diverged", "unsupported")
 
 
-def preflight(suite: Suite, data_dir: Path | None) -> None:
-    """Everything a user could have got wrong, checked before any training."""
+def preflight(suite: Suite, data_dir: Path | None, device: str = "auto") -> None:
+    """Everything a user could have got wrong, checked before any training, for cells on `device`."""
     for task in suite.tasks:
         data.load_split(task, task.train_split, data_dir)
         data.load_split(task, task.eval_split, data_dir)
@@ -43,6 +43,13 @@ def preflight(suite: Suite, data_dir: Path | None) -> None:
                 f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}",
                 "give a local model folder, or a hub id with network access",
             ) from None
+    if suite.backbone.dtype in backbone.QUANTISED and worker.pick_device(device).type != "cuda":
+        raise UserError(
+            f"{suite.path}.backbone.dtype",
+            f"{suite.backbone.dtype} weights run on CUDA only: bitsandbytes' CPU kernels are a reference fallback, "
+            "whose speed and memory describe no setup users train with",
+            "run on a CUDA machine (--device cuda), or use dtype: bf16",
+        )
     language_model = next((task for task in suite.tasks if task.is_causal_lm), None)
     if language_model is not None:
         problem = not_a_causal_lm(suite.backbone, language_model)
@@ -239,7 +246,7 @@ def run_suite(
     max_train_samples: int | None = None,
     log=log_line,
 ) -> list[dict]:
-    preflight(suite, data_dir)
+    preflight(suite, data_dir, device)
     cells = suite.cells(max_train_samples)
     unsupported = unsupported_cells(suite, cells)
     previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)

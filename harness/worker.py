@@ -50,17 +50,24 @@ def unsupported(cell: Cell, anatomy) -> str | None:
     return stack_of(cell).unsupported(anatomy)
 
 
-def build(cell: Cell, total_steps: int | None = None):
+def build(cell: Cell, total_steps: int | None = None, device: torch.device | None = None):
     """Backbone with head and the entry's method applied (a Stack of its components, however many);
     (model, declared trainable count, optimizer groups, whether the saved bytes can follow the values
     and not only the shapes). `total_steps`, the run's length, is passed to the method before it applies."""
     model = backbone.load_model(cell.backbone, cell.task)
+    if cell.backbone.dtype in backbone.QUANTISED:  # before the method: it wraps the quantised layers
+        backbone.quantise_blocks(model, cell.backbone.dtype, device or torch.device("cpu"))
     if cell.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     method = stack_of(cell)
     if total_steps is not None:
         method.set_run(Run(total_steps=total_steps))
-    model, declared = method.attach(model, cell.task)
+    try:
+        model, declared = method.attach(model, cell.task)
+    except RuntimeError as exc:  # unfreezing bitsandbytes' integer weights: say what it means
+        if cell.backbone.dtype in backbone.QUANTISED and "floating point dtype can require gradients" in str(exc):
+            raise ValueError(backbone.trains_quantised(cell.backbone.dtype)) from exc
+        raise
     backbone.store_frozen(model, cell.backbone.dtype)
     return model, declared, method.param_groups(model, cell.entry.lr), method.activations_depend_on_values
 
@@ -112,7 +119,7 @@ def run_cell(
                 task, preprocessor, settings.padding, settings.max_seq_length, evaluation=True
             ),
         )
-        model, declared, groups, value_dependent = build(cell, total_steps(settings, len(train_loader)))
+        model, declared, groups, value_dependent = build(cell, total_steps(settings, len(train_loader)), device)
         model.to(device)
         record["params"] = {
             "trainable": count(p for p in model.parameters() if p.requires_grad),

@@ -574,7 +574,10 @@ def _gated_ffns(model: nn.Module) -> list[tuple[nn.Module, tuple[str, str, str, 
             continue
         ffn = model.get_submodule(parent)
         activations = [name for name, c in ffn.named_children() if is_activation(c)]
-        weight = next(ffn.parameters())
+        # a floating weight gives the probe its dtype; bitsandbytes' packed weights are integers, computed in bf16
+        weight = next((p for p in ffn.parameters() if p.is_floating_point()), None)
+        if weight is None:
+            weight = torch.empty(0, dtype=torch.bfloat16, device=next(ffn.parameters()).device)
         if len(activations) != 1 or weight.is_meta:
             continue
         names = (*(p.rpartition(".")[2] for p in paths), activations[0])

@@ -79,6 +79,7 @@ import torch
 from torch import nn
 
 from harness.anatomy import Anatomy, Fused, Projection, in_out_features, out_axis
+from harness.backbone import is_quantised, logical_shape
 from harness.method import Method, freeze_all
 from methods._frozen import (
     POOLINGS,
@@ -271,7 +272,12 @@ def _embedding_scores(anatomy: Anatomy) -> torch.Tensor:
 
 
 def _matrix(module: nn.Module) -> torch.Tensor:
-    """A linear-like layer's weight as (out, in), a view (Conv1D stores it as (in, out))."""
+    """A linear-like layer's weight as (out, in), a view (Conv1D stores it as (in, out)); a quantised backbone
+    layer's (bitsandbytes), dequantised: a copy, read to prune from."""
+    if is_quantised(module.weight):
+        from peft.utils.integrations import dequantize_module_weight
+
+        return dequantize_module_weight(module)
     return module.weight.T if out_axis(module) == 1 else module.weight
 
 
@@ -308,9 +314,10 @@ def _column_strength(p: Projection, rows: torch.Tensor) -> torch.Tensor:
 def _write(dst: Projection, src: Projection, rows, cols) -> None:
     """dst's role <- src's role's weights at its output features `rows` and input features `cols`, and its bias
     at `rows`."""
-    _matrix(dst.module)[_rows(dst)] = _role_matrix(src)[rows][:, cols]
+    target = _matrix(dst.module)
+    target[_rows(dst)] = _role_matrix(src)[rows][:, cols].to(target.dtype)
     if isinstance(getattr(src.module, "bias", None), torch.Tensor):
-        dst.module.bias[_rows(dst)] = src.module.bias[_rows(src)][rows]
+        dst.module.bias[_rows(dst)] = src.module.bias[_rows(src)][rows].to(dst.module.bias.dtype)
 
 
 @torch.no_grad()
@@ -431,7 +438,7 @@ class LadderSideTuning(Method):
         hidden, r = anatomy.hidden_size, self.hparams["reduction_factor"]
         layers = len(kept_layers(len(anatomy.blocks), self.dropped(len(anatomy.blocks))))
         width = hidden // r
-        shrunk = lambda module: sum(math.prod(n // r for n in p.shape) for p in module.parameters())
+        shrunk = lambda module: sum(math.prod(n // r for n in logical_shape(p)) for p in module.parameters())
         side = layers * shrunk(anatomy.blocks[0].module)
         final_norm = shrunk(anatomy.final_norm.module) if anatomy.final_norm is not None else 0
         ladders = (layers + 1) * (hidden * width + width)
