@@ -48,18 +48,19 @@ class Backbone:
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# bitsandbytes' frozen weights: QLoRA's 4-bit NormalFloat (double-quantised constants) and LLM.int8(); both compute
-# in bf16, the dtype the rest of the frozen weights are kept in
+# bitsandbytes' frozen weights: 4-bit NormalFloat with double-quantised constants (Dettmers et al., 2023) and
+# LLM.int8(); both compute in bf16, the dtype the rest of the frozen weights are kept in
 QUANTISED = ("nf4", "int8")
 PRECISION = {"bf16": "bf16", "fp16": "fp16", "nf4": "bf16", "int8": "bf16"}  # the autocast each dtype needs
 
 
 def quantise_blocks(model: torch.nn.Module, dtype: str, device: torch.device) -> int:
-    """Every plain nn.Linear of the transformer blocks (q, k, v, o, the FFN's: what QLoRA quantises) replaced by
-    bitsandbytes' layer for `dtype` holding the same weight, frozen, and quantised on `device` (where bitsandbytes
-    quantises: moving there); the embeddings, norms and head stay (harness.anatomy finds the blocks). Called
-    before the method is applied, so that it wraps the quantised layers as peft's QLoRA does. GPT-2's Conv1D
-    layers are not nn.Linear and stay unquantised. Returns the number of layers replaced."""
+    """Every plain nn.Linear of the transformer blocks (q, k, v, o and the FFN's: all of them, as 4-bit
+    fine-tuning quantises) replaced by bitsandbytes' layer for `dtype` holding the same weight, frozen, and
+    quantised on `device` (bitsandbytes quantises a weight when it moves there); the embeddings, norms and head
+    stay (harness.anatomy finds the blocks). Called before the method is applied, so that it wraps the quantised
+    layers as peft does over a quantised model. GPT-2's Conv1D layers are not nn.Linear and stay unquantised.
+    Returns the number of layers replaced."""
     import bitsandbytes as bnb
 
     from harness.anatomy import describe
@@ -100,7 +101,7 @@ def logical_shape(parameter: torch.Tensor) -> torch.Size:
 def trains_quantised(dtype: str) -> str:
     return (
         f"the method trains the blocks' linear weights, which {dtype} keeps quantised and frozen: use a method "
-        "that keeps the backbone frozen (LoRA and the other adapters), or dtype bf16"
+        "that keeps the backbone's weights frozen and trains what it adds, or dtype bf16"
     )
 
 
@@ -110,7 +111,7 @@ def store_frozen(model: torch.nn.Module, dtype: str) -> None:
     who loads a model in bf16, or in 4 bits, and trains an adapter on it holds. Called once the method has
     decided what trains (a parameter tied to another is one parameter, cast once). Buffers keep their dtype
     (rotary frequencies are computed in fp32 whatever the weights). A ValueError when the method trains a
-    quantised weight (full fine-tuning on nf4): bitsandbytes' weights are frozen."""
+    quantised weight (one that trains every weight): bitsandbytes' weights are frozen."""
     if any(p.requires_grad and is_quantised(p) for p in model.parameters()):
         raise ValueError(trains_quantised(dtype))
     floating = torch.bfloat16 if dtype in QUANTISED else DTYPES[dtype]

@@ -99,6 +99,7 @@ class Examples(torch.utils.data.Dataset):
 
 
 def _pad(rows: list[list[int]], width: int, value: int, left: bool = False) -> torch.Tensor:
+    """(rows, width) ids: each row at the start and `value` after it, or with `left` at the end and `value` before."""
     out = torch.full((len(rows), width), value, dtype=torch.long)
     for i, row in enumerate(rows):
         if row:
@@ -121,7 +122,7 @@ def make_collate(pad_id: int, padding: str, max_length: int, evaluation: bool = 
         }
         if evaluation:
             prompts = [it["prompt"] for it in items]
-            longest = max(map(len, prompts))
+            longest = max(1, *map(len, prompts))  # a prompt cut away entirely still gives generation a position
             batch["prompt_ids"] = _pad(prompts, longest, pad_id, left=True)
             batch["prompt_mask"] = _pad([[1] * len(p) for p in prompts], longest, 0, left=True)
         return batch

@@ -48,7 +48,7 @@ def preflight(suite: Suite, data_dir: Path | None, device: str = "auto") -> None
             f"{suite.path}.backbone.dtype",
             f"{suite.backbone.dtype} weights run on CUDA only: bitsandbytes' CPU kernels are a reference fallback, "
             "whose speed and memory describe no setup users train with",
-            "run on a CUDA machine (--device cuda), or use dtype: bf16",
+            "run it on a CUDA machine, or use dtype: bf16",
         )
     language_model = next((task for task in suite.tasks if task.is_causal_lm), None)
     if language_model is not None:

@@ -310,3 +310,14 @@ def test_every_method_trains_a_causal_lm_or_says_why_not(name, config, lm_batch)
     for p, copy in originals:
         if not p.requires_grad:
             assert torch.equal(p, copy), "a frozen weight changed"
+
+
+@pytest.mark.parametrize("name", ["llm_memory", "llm_cpu"])
+def test_the_llm_suites_pass_preflight_and_refuse_no_method(name, data_dir):
+    from harness import runner
+    from tests.conftest import ROOT
+
+    loaded = load_suite(ROOT / "suites" / f"{name}.yaml")
+    runner.preflight(loaded, data_dir)
+    assert runner.unsupported_cells(loaded, loaded.cells()) == {}
+    assert all(c.backbone.random and not c.train.evaluate for c in loaded.cells()), "memory-and-speed cells"
