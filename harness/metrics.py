@@ -70,6 +70,8 @@ class Metric:
             raise TypeError(f"metric '{self.name}': task_types must be some of {TASK_TYPES}, got {self.task_types!r}")
         if self.reads not in READS:
             raise TypeError(f"metric '{self.name}': reads must be one of {READS}, got {self.reads!r}")
+        if self.reads == "likelihood" and set(self.task_types) != {CAUSAL_LM}:
+            raise TypeError(f"metric '{self.name}': only a causal_lm task has a likelihood to read")
 
     def __call__(self, predictions, references) -> float:
         return float(self.fn(np.asarray(predictions), np.asarray(references)))

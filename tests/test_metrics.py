@@ -197,6 +197,8 @@ def test_a_declaration_must_say_higher_is_better_and_a_known_task_type():
         metrics.metric(higher_is_better="yes")(lambda p, r: 0.0)
     with pytest.raises(TypeError, match="task_types"):
         metrics.metric(higher_is_better=True, task_types=("ranking",))(lambda p, r: 0.0)
+    with pytest.raises(TypeError, match="likelihood"):
+        metrics.metric(higher_is_better=False, reads="likelihood")(lambda p, r: 0.0)
 
 
 PLUGIN = '''
