@@ -284,9 +284,10 @@ def _every_position_the_mean(backbone, args, kwargs, output):
     return output
 
 
-def load_model(backbone: "Backbone | str | None", task):
+def load_model(backbone: "Backbone | str | None", task, read_weights: bool = True):
     """The backbone with a freshly initialised head for `task` (sequence or image classification), its
-    weights pretrained or, for `weights: random`, drawn from torch's generator (seeded by the worker).
+    weights pretrained or, for `weights: random` or without `read_weights` (a plan, whose tensors hold no
+    values), drawn from torch's generator (seeded by the worker).
 
     pooling: what the head reads. 'cls' is the Hugging Face default (the [CLS]
     pooler, the first token, or a decoder's last real token); 'mean' averages the
@@ -296,7 +297,7 @@ def load_model(backbone: "Backbone | str | None", task):
     b = spec(backbone)
     auto = _auto_class(task)
     with _quiet():
-        if b.random:
+        if b.random or not read_weights:
             model = auto.from_config(_config(b, task), trust_remote_code=b.trust_remote_code, dtype=torch.float32)
         else:
             # fp32 master weights whatever the checkpoint's dtype: lower precision is a training setting (autocast).

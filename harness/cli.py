@@ -1,9 +1,10 @@
-"""`python -m harness ...`: run, validate, list, report, compare, export.
+"""`python -m harness ...`: run, plan, validate, list, report, compare, export.
 
 User mistakes come out as one line on stderr and exit status 2.
 """
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -25,6 +26,30 @@ def _cmd_run(args) -> int:
     if not args.no_report:
         _report_after_run(out_dir, Path("reports") / suite.name)
     # An unsupported cell is the configuration's answer, known before training (validate lists it): not a failure.
+    return 0 if counts.get("ok", 0) + counts.get("unsupported", 0) == len(records) else 1
+
+
+def _cmd_plan(args) -> int:
+    from harness import config, runner
+
+    suite = config.load_suite(args.suite)
+    name = f"{suite.name}-plan" + (f"-{Path(args.backbone).name}" if args.backbone else "")
+    if args.backbone:  # a plan reads no weights: the config alone, shipped or from a folder or the hub
+        suite = dataclasses.replace(
+            suite, backbone=dataclasses.replace(suite.backbone, ref=args.backbone, weights="random")
+        )
+    out_dir = Path(args.out) if args.out else Path("results") / name
+    overrides = {"padding": "fill", "max_seq_length": args.length} if args.length else None
+    records = runner.run_suite(
+        suite, out_dir, args.data_dir, fresh=True, planning={"budgets": args.budget or []}, overrides=overrides
+    )
+    counts = {}
+    for r in records:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    tally = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    print(f"{suite.name}: {len(records)} cells planned ({tally}); plans in {out_dir}")
+    if not args.no_report:
+        _report_after_run(out_dir, Path("reports") / name)
     return 0 if counts.get("ok", 0) + counts.get("unsupported", 0) == len(records) else 1
 
 
@@ -164,6 +189,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=_cmd_run)
 
+    planner = sub.add_parser(
+        "plan",
+        help="exact memory and FLOPs of every cell, from fake tensors: no weights, no device",
+        description="Step each cell's first training batches on fake tensors (harness.plan): frozen, trainable, "
+        "gradient, optimizer-state and saved-activation bytes, the modelled peak and the FLOPs of a step, as "
+        "a run of the cell records them; with --budget, the largest batch that fits. One record per cell.",
+    )
+    planner.add_argument("suite", help="suite YAML file, e.g. suites/llm_memory.yaml")
+    planner.add_argument("--out", help="plans directory (default: results/<suite name>-plan)")
+    planner.add_argument("--data-dir", help="local data folder (default: $HARNESS_DATA_DIR), for the token lengths")
+    planner.add_argument(
+        "--budget",
+        action="append",
+        type=_size,
+        metavar="SIZE",
+        help="memory budget, e.g. 24GiB (repeatable): does each cell fit, and the largest batch that does",
+    )
+    planner.add_argument(
+        "--length",
+        type=_positive_int,
+        metavar="TOKENS",
+        help="plan every sequence at this many real tokens instead of the task's own lengths",
+    )
+    planner.add_argument(
+        "--backbone",
+        metavar="MODEL",
+        help="plan the suite on another model: a shipped config (e.g. llama-3.1-8b), a folder or a hub id",
+    )
+    planner.add_argument("--no-report", action="store_true", help="do not write the report (reports/<suite>-plan)")
+    planner.set_defaults(func=_cmd_plan)
+
     report = sub.add_parser(
         "report",
         help="write the HTML and Markdown report of a results folder",
@@ -229,6 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("file", help="baseline file to write, e.g. baselines/smoke.json")
     exp.set_defaults(func=_cmd_export)
     return parser
+
+
+def _size(text: str) -> int:
+    from harness.formatting import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_int(text: str) -> int:

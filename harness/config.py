@@ -178,14 +178,16 @@ class Suite:
     gate: dict = field(default_factory=dict)  # regression-gate settings, read by `harness compare`
     task_train: dict = field(default_factory=dict)  # task name -> overrides of `train` for that task
 
-    def cells(self, max_train_samples: int | None = None) -> list[Cell]:
-        """Suite settings, then the task's overrides, then the method entry's, then the CLI's cap."""
+    def cells(self, max_train_samples: int | None = None, overrides: dict | None = None) -> list[Cell]:
+        """Suite settings, then the task's overrides, then the method entry's, then the CLI's cap and overrides."""
         cells = []
         for task in self.tasks:
             for entry in self.methods:
                 settings = dataclasses.replace(self.train, **{**self.task_train.get(task.name, {}), **entry.train})
                 if max_train_samples is not None:
                     settings = dataclasses.replace(settings, max_train_samples=max_train_samples)
+                if overrides:
+                    settings = dataclasses.replace(settings, **overrides)
                 for seed in self.seeds:
                     cells.append(Cell(self.name, task, entry, seed, settings, self.backbone))
         return cells

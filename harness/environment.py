@@ -66,3 +66,22 @@ def describe(device: torch.device) -> dict:
         env["cuda"] = torch.version.cuda
         env["gpu_total_bytes"] = torch.cuda.get_device_properties(device).total_memory
     return env
+
+
+# Dense peak FLOP/s of GPUs from their vendors' datasheets (no sparsity), per autocast precision: bf16 and fp16
+# on the tensor cores, fp32 without TF32 (torch's default for matmuls). Matched in order against
+# torch.cuda.get_device_name; a device not listed gets no peak, and its MFU is left empty.
+PEAK_FLOPS = [
+    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 51.2e12}),
+    ("H100", {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 66.9e12}),  # SXM
+    ("H200", {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 66.9e12}),
+    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),
+]
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """The device's datasheet peak FLOP/s at `precision` (fp32, bf16, fp16), or None where unknown (any CPU)."""
+    if device.type != "cuda":
+        return None
+    name = device_name(device)
+    return next((peaks.get(precision) for part, peaks in PEAK_FLOPS if part in name), None)

@@ -5,6 +5,7 @@
 - `format_bytes`: bytes in the largest binary unit (KiB, MiB, GiB = 1024^n) the
   value reaches; `byte_unit` picks one unit for a figure's axis.
 - `markdown_cell`: text from the records made safe in a Markdown table cell.
+- `parse_bytes`: '24GiB', '80 GB', '512MiB', '1e9' -> bytes (GiB = 2^30, GB = 10^9).
 """
 
 import math
@@ -36,6 +37,28 @@ def byte_unit(values) -> tuple[int, str]:
     values = np.asarray(values, dtype=float)
     largest = np.nanmax(values) if len(values) and not np.all(np.isnan(values)) else 0
     return (2**30, "GiB") if largest >= 4 * 2**30 else (2**20, "MiB")
+
+
+BYTE_SUFFIXES = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12} | {
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_bytes(text: str) -> int:
+    """A size as users write it; ValueError naming the units it accepts."""
+    cleaned = str(text).strip().lower().replace(" ", "")
+    number = cleaned.rstrip("kmgtib")
+    suffix = cleaned[len(number) :]
+    try:
+        value = float(number)
+    except ValueError:
+        value = None
+    if value is None or suffix not in BYTE_SUFFIXES or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"'{text}' is not a size: write e.g. 24GiB, 80GB or 512MiB")
+    return int(value * BYTE_SUFFIXES[suffix])
 
 
 _MARKDOWN_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*_[]|#"} | {"<": "&lt;", ">": "&gt;", "\n": " ", "\r": " "})

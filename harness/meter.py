@@ -28,6 +28,12 @@ Device-reported:
 - CUDA reserved memory after every training step (torch.cuda.memory_reserved): its
   max, mean and 99th percentile over the steps, as peft's `method_comparison`
   reports memory, so that a figure can be set beside theirs.
+FLOPs: train_step_flops, the floating-point operations of the first training step (forward, backward and
+optimizer step, recomputation included), as PyTorch's FlopCounterMode counts them (matrix products,
+convolutions and attention; elementwise work is left out). Where every timed step has the first step's shapes,
+achieved_flops_per_s = train_step_flops / the timed steps' mean time and, on a CUDA device whose peak
+harness.environment knows, mfu = that over the peak at the run's precision (with gradient checkpointing the
+recomputed forward counts, so it is what is elsewhere called hardware FLOPs utilisation).
 Throughput: samples/s and non-padding tokens/s (for images, patches/s) over the timed steps (the first
 `timing_warmup_steps` left out, CUDA synchronised around each), and step-time
 median and p90; for a causal LM also target tokens/s (the tokens the loss covers).
@@ -52,12 +58,39 @@ import weakref
 
 import numpy as np
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils.flop_counter import FlopCounterMode
 
-from harness import causal_lm
+from harness import causal_lm, environment
+
+
+def is_fake(t: torch.Tensor) -> bool:
+    """A tensor of torch's FakeTensorMode (harness.plan): shape, dtype and device, no memory. Its storage has
+    a size but no address, so storages are told apart by the storage object itself."""
+    return isinstance(t, FakeTensor)
+
+
+# The figures that follow from shapes alone, exact on any device: what a plan (harness.plan) gives, and what a
+# plan and a run of the same cell must agree on to the byte.
+EXACT_FIGURES = (
+    "frozen_param_bytes",
+    "trainable_param_bytes",
+    "buffer_bytes",
+    "grad_bytes",
+    "optimizer_bytes",
+    "activation_bytes",
+    "modelled_peak_bytes",
+    "train_step_flops",
+    "attention_implementation",
+    "attention_backend",
+    "optimizer_step",
+)
 
 
 def storage_key(t: torch.Tensor):
     """(device, data pointer) of a tensor's storage: tensors sharing memory share the key."""
+    if is_fake(t):
+        return "fake", t.untyped_storage()._cdata
     try:
         return t.device, t.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
@@ -92,10 +125,17 @@ def quantisation_constants(parameter: torch.Tensor) -> list[torch.Tensor]:
 
 def _fast_key(t: torch.Tensor):
     """storage_key without building a storage object: the hook runs for every saved tensor."""
+    if is_fake(t):
+        return "fake", t.untyped_storage()._cdata
     try:
         return t.is_cuda, t.data_ptr() - t.storage_offset() * t.element_size()
     except RuntimeError:  # tensor subclasses without plain data
         return t.is_cuda, id(t)
+
+
+def batch_shape(batch: dict) -> tuple:
+    """What decides a batch's saved bytes and FLOPs for a method whose work follows the shapes."""
+    return tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()))
 
 
 def attention_implementation(model: torch.nn.Module) -> str | None:
@@ -135,6 +175,25 @@ def attention_backend(loss: torch.Tensor, implementation: str | None) -> str:
     if not softmax or implementation is None:
         return "none"
     return "math" if implementation == "sdpa" else implementation
+
+
+class TotalFlops(FlopCounterMode):
+    """PyTorch's FLOP counter (its formulas per operator) without its per-module breakdown: the module tracker
+    that breakdown needs hooks every module's inputs and outputs for backward, which keeps tensors alive that
+    the step would free, and so would change what the saved-tensor count finds."""
+
+    class _Everything:
+        parents = ("Global",)  # the one bucket get_total_flops reads
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    def __init__(self):
+        super().__init__(display=False)
+        self.mod_tracker = self._Everything()
 
 
 class SavedTensorCounter:
@@ -270,8 +329,9 @@ class Meter:
         nvml_interval_s: float = 0.02,
         enabled: bool = True,
         count_activations: str = "per_shape",
+        precision: str = "fp32",
     ):
-        self.model, self.device, self.enabled = model, device, enabled
+        self.model, self.device, self.enabled, self.precision = model, device, enabled, precision
         self.count_every_step = count_activations == "every_step"
         self.figures: dict = {
             "count_activations": count_activations,
@@ -283,6 +343,7 @@ class Meter:
         self.nvml_interval_s = nvml_interval_s
         self.saved = SavedTensorCounter(model)
         self.steps: list[tuple[float, int, int, int]] = []  # (seconds, samples, non-padding tokens, target tokens)
+        self.shapes: list[tuple] = []  # each step's batch shapes
         self.reserved: list[int] = []  # CUDA memory reserved after each training step
         self.notes: list[str] = []
         self._record_params()
@@ -340,6 +401,7 @@ class Meter:
         labels = batch["labels"]
         target = causal_lm.target_tokens(labels) if labels.dim() == 2 else 0
         self.steps.append((time.perf_counter() - start, len(labels), self._tokens(batch), target))
+        self.shapes.append(batch_shape(batch))
         if self.cuda:
             self.reserved.append(torch.cuda.memory_reserved(self.device))
 
@@ -359,11 +421,24 @@ class Meter:
         """Wrap one forward+backward of `batch`: its saved tensors are counted (see count_activations)."""
         if not self.enabled:
             return contextlib.nullcontext()
-        shape = tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()))
+        shape = batch_shape(batch)
         if shape in self._counted_shapes and not self.count_every_step:
             return contextlib.nullcontext()
         self._counted_shapes.add(shape)
         return self.saved
+
+    def count_flops(self):
+        """Wrap the first training step: its FLOPs are recorded (train_step_flops); later steps run uncounted."""
+        if not self.enabled or "train_step_flops" in self.figures:
+            return contextlib.nullcontext()
+        return self._flops()
+
+    @contextlib.contextmanager
+    def _flops(self):
+        counter = TotalFlops()
+        with counter:
+            yield
+        self.figures["train_step_flops"] = counter.get_total_flops()
 
     def read_graph(self, loss: torch.Tensor):
         """Call with the first step's loss, before backward: names the attention kernel that ran."""
@@ -376,6 +451,18 @@ class Meter:
         state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
         self.figures["optimizer_bytes"] = unique_bytes(state)
         self.figures["optimizer_step"] = optimizer_step(optimizer)
+
+    def _flops_per_s(self, step_flops: int | None, step_seconds: float) -> dict:
+        if not step_flops:
+            return {}
+        if len(set(self.shapes)) > 1:  # the FLOPs of the first step say nothing exact about steps of other shapes
+            self.notes.append(
+                "achieved FLOP/s left empty: the steps' shapes differ, and FLOPs are counted on the first"
+            )
+            return {}
+        achieved = step_flops / step_seconds
+        peak = environment.peak_flops(self.device, self.precision)
+        return {"achieved_flops_per_s": achieved} | ({"mfu": achieved / peak} if peak else {})
 
     def summary(self) -> dict:
         f = dict(self.figures)
@@ -391,7 +478,7 @@ class Meter:
             )
         f["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
         timed = self.steps[self.timing_warmup_steps :] or self.steps  # too few steps: time them all, and say so
-        if not self.steps[self.timing_warmup_steps :]:
+        if self.steps and not self.steps[self.timing_warmup_steps :]:
             self.notes.append(f"only {len(self.steps)} steps: throughput includes warm-up steps")
         if timed:
             seconds = np.array([s for s, *_ in timed])
@@ -404,6 +491,7 @@ class Meter:
             )
             if any(target for *_, target in timed):
                 f["train_target_tokens_per_s"] = sum(target for *_, target in timed) / seconds.sum()
+            f.update(self._flops_per_s(f.get("train_step_flops"), seconds.mean()))
         if self.reserved:  # as peft's method_comparison reports memory: over every training step, warm-up included
             reserved = np.array(self.reserved)
             f.update(

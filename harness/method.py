@@ -23,6 +23,9 @@ The contract, checked for every registered method by tests/test_contract.py:
   it checks here, so `validate` lists every unsupported (method, backbone) pair
   and `run` records such a cell as `unsupported` without starting a worker. A
   crash inside a cell because of the architecture is a bug, never a refusal.
+- `unplannable()` says why the method's figures cannot be planned on fake tensors (harness.plan), or None:
+  where its code reads a value of a tensor the weights reached, or runs a kernel whose fake counterpart in
+  torch saves other bytes than the real one. (Code that reads a value is also caught while planning.)
 - `set_run(run)`, called by the worker before `apply`, tells the method what the
   harness knows of the run (`Run`: its number of optimizer steps). A method whose
   schedule follows the run's length reads `self.run`; it is None when the method
@@ -108,6 +111,10 @@ class Method:
         in one line that names what is missing; None when it can. Decided from the anatomy alone, before training."""
         return None
 
+    def unplannable(self) -> str | None:
+        """Why a plan (harness.plan) cannot give this method's exact figures, in one line; None when it can."""
+        return None
+
     def apply(self, model: torch.nn.Module, task) -> torch.nn.Module:
         raise NotImplementedError
 
@@ -165,6 +172,10 @@ class Stack(Method):
             if reason is not None:
                 return f"{component.name}: {reason}" if len(self.components) > 1 else reason
         return None
+
+    def unplannable(self) -> str | None:
+        reasons = [(c.name, c.unplannable()) for c in self.components]
+        return next((f"{name}: {why}" if len(self.components) > 1 else why for name, why in reasons if why), None)
 
     def set_run(self, run: Run) -> None:
         super().set_run(run)

@@ -87,7 +87,8 @@ def common_columns(metric_header: str, scope: str) -> list[Column]:
             lambda r: fmt_peak(r["peak_bytes"], r["peak_source"]),
             lambda r: r["peak_bytes"],
             ("largest over tasks; " if across else "")
-            + "best figure the device gave: CUDA max allocated, else NVML peak, else modelled (CPU)",
+            + "best figure the device gave: CUDA max allocated, else NVML peak, else modelled (CPU); "
+            + "planned: a plan's modelled peak (harness plan, no training)",
         ),
         Column(
             "activations",
@@ -336,7 +337,8 @@ NOTES = [
     "finished; the across-task score is the GLUE-style average of the per-task means.",
     "Peak memory: CUDA max_memory_allocated over training when run on a GPU, else the NVML peak, else the modelled "
     "peak (weights + buffers + gradients + optimizer state + saved activations), which leaves out framework "
-    "temporaries; the label beside each figure says which.",
+    "temporaries; the label beside each figure says which. `planned` marks a plan's figure (python -m harness "
+    "plan): the same modelled peak, from the first training steps run on fake tensors, nothing trained.",
     "Activations: bytes of distinct tensors saved for backward in one step, parameters excluded (exact on any device).",
     "Throughput and time: samples per second over the timed steps (warm-up left out) and wall time of the "
     "training phase.",
@@ -451,11 +453,15 @@ def render_markdown(summary: Summary, figures: dict, generated: str) -> str:
 
 
 def default_out_dir(results_dir: str | Path) -> Path:
-    """reports/<suite name>, the suite named by the records (the folder's name if they name none)."""
+    """reports/<suite name>, the suite named by the records (the folder's name if they name none); for plans,
+    reports/<suite name>-plan, beside the report of the suite's run."""
     from harness import results
 
-    suites = {r["cell"]["suite"] for r in results.scan(results_dir).records}
-    return Path("reports") / (suites.pop() if len(suites) == 1 else Path(results_dir).name)
+    records = results.scan(results_dir).records
+    suites = {r["cell"]["suite"] for r in records}
+    if len(suites) != 1:
+        return Path("reports") / Path(results_dir).name
+    return Path("reports") / (suites.pop() + ("-plan" if all(r.get("plan") for r in records) else ""))
 
 
 def write_report(results_dir: str | Path, out_dir: str | Path) -> Path:

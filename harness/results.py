@@ -83,6 +83,7 @@ def new_record(cell: dict, *, config_hash: str, code: dict, method_info: list[di
         "measurements": {},
         "train": {},
         "env": {},
+        "plan": None,  # a plan's (harness.plan): what it planned; a run's stays None
         "started_at": _timestamp(started),
     }
 
@@ -175,6 +176,7 @@ def to_row(record: dict) -> dict:
         "error": (record.get("error") or {}).get("message"),
         "path": record.get("_path"),
         "family": stack_family(record),
+        "planned": bool(record.get("plan")),
     }
     for name, m in metrics.items():
         row[f"metric_{name}"] = m.get("value")

@@ -27,8 +27,9 @@ from harness.formatting import format_bytes
 FINAL_STATUSES = ("ok", "oom", "diverged", "unsupported")
 
 
-def preflight(suite: Suite, data_dir: Path | None, device: str = "auto") -> None:
-    """Everything a user could have got wrong, checked before any training, for cells on `device`."""
+def preflight(suite: Suite, data_dir: Path | None, device: str | None = "auto") -> None:
+    """Everything a user could have got wrong, checked before any training, for cells on `device` (None: a
+    plan, which runs on no device)."""
     for task in suite.tasks:
         data.load_split(task, task.train_split, data_dir)
         data.load_split(task, task.eval_split, data_dir)
@@ -43,7 +44,7 @@ def preflight(suite: Suite, data_dir: Path | None, device: str = "auto") -> None
                 f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}",
                 "give a local model folder, or a hub id with network access",
             ) from None
-    if suite.backbone.dtype in backbone.QUANTISED and worker.pick_device(device).type != "cuda":
+    if device is not None and suite.backbone.dtype in backbone.QUANTISED and worker.pick_device(device).type != "cuda":
         raise UserError(
             f"{suite.path}.backbone.dtype",
             f"{suite.backbone.dtype} weights run on CUDA only: bitsandbytes' CPU kernels are a reference fallback, "
@@ -168,12 +169,16 @@ def _worker_context():
     return ctx
 
 
-def run_cell_process(cell: Cell, path: Path, data_dir: Path | None, device: str, known: dict) -> dict:
+def run_cell_process(
+    cell: Cell, path: Path, data_dir: Path | None, device: str, known: dict, planning: dict | None = None
+) -> dict:
     """One worker process; records the outcomes the worker cannot (killed, timed out, interrupted).
-    `known` is the cell's provenance (worker.provenance), computed once, when the runner decided to run it."""
+    `known` is the cell's provenance (worker.provenance), computed once, when the runner decided to run it.
+    With `planning` ({"budgets": [bytes, ...]}) the process plans the cell (harness.plan) instead of running it."""
     job = {
         "cell": cell.to_dict(),
         "provenance": known,
+        "planning": planning,
         "device": device,
         "progress": sys.stderr.isatty(),
         "data_dir": str(data_dir) if data_dir else None,
@@ -229,6 +234,19 @@ def summarize(record: dict) -> str:
     if status != "ok":
         return f"{status}: {(record.get('error') or {}).get('message', '')}"
     m = record["measurements"]
+    if record.get("plan"):
+        fits = [
+            f"batch <= {b['largest_batch']}{'+' if b['at_least'] else ''} in {format_bytes(b['budget_bytes'])}"
+            for b in record["plan"].get("budgets") or []
+        ]
+        return "  ".join(
+            [
+                f"planned peak {format_bytes(m['modelled_peak_bytes'])}",
+                f"activations {format_bytes(m['activation_bytes'])}",
+            ]
+            + ([f"{m['train_step_flops'] / 1e12:.3g} TFLOP/step"] if m.get("train_step_flops") else [])
+            + fits
+        )
     primary = record["cell"]["task"]["primary_metric"]
     score = record["metrics"].get(primary)
     act = m.get("activation_bytes")
@@ -245,9 +263,13 @@ def run_suite(
     fresh: bool = False,
     max_train_samples: int | None = None,
     log=log_line,
+    planning: dict | None = None,
+    overrides: dict | None = None,
 ) -> list[dict]:
-    preflight(suite, data_dir, device)
-    cells = suite.cells(max_train_samples)
+    """Every cell of the suite, run (or, with `planning`, planned: see run_cell_process) in its own process;
+    `overrides` replace train settings of every cell (a plan at a length the user gives)."""
+    preflight(suite, data_dir, None if planning is not None else device)
+    cells = suite.cells(max_train_samples, overrides)
     unsupported = unsupported_cells(suite, cells)
     previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     records = []
@@ -268,7 +290,7 @@ def run_suite(
                     log(f"{head}: {summarize(record)}")
                 else:
                     log(f"{head} ...")
-                    record = run_cell_process(cell, path, data_dir, device, known)
+                    record = run_cell_process(cell, path, data_dir, device, known, planning)
                     log(f"{head}: {summarize(record)}")
                 records.append(record)
     finally:

@@ -16,7 +16,8 @@ Across tasks, per method (only when every primary metric is higher-is-better):
   them all); trainable parameters: the largest over tasks (heads differ);
   throughput: the mean over tasks; training time: the sum over tasks.
 Peak memory is the best figure the device gave, in this order: CUDA
-max_memory_allocated, then NVML's peak, then the modelled peak (CPU runs).
+max_memory_allocated, then NVML's peak, then the modelled peak (CPU runs); a
+plan's (harness.plan) is its modelled peak, labelled "planned".
 """
 
 from dataclasses import dataclass
@@ -66,6 +67,9 @@ class Summary:
 
 def peak_memory(row) -> tuple[float, str | None]:
     """(bytes, source label) of the best peak-memory figure a cell has."""
+    if row.get("planned") is True:
+        value = row.get("modelled_peak_bytes")
+        return (float("nan"), None) if is_missing(value) else (float(value), "planned")
     for column, label in PEAK_SOURCES:
         value = row.get(column)
         if not is_missing(value):

@@ -72,7 +72,6 @@ def train(model, param_groups, loader, settings: TrainSettings, device, meter: M
     steps = total_steps(settings, len(loader))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(steps, settings.warmup_ratio))
     scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
-    trainable = [p for g in param_groups for p in g["params"]]
     losses: list[float] = []
     model.train()
     bar = tqdm(total=steps, desc="train", disable=not progress, mininterval=2, leave=False)
@@ -80,33 +79,52 @@ def train(model, param_groups, loader, settings: TrainSettings, device, meter: M
         for batch in loader:
             batch = to_device(batch, device)
             with meter.step(batch):
-                step_loss, whole = 0.0, weight(batch)
-                for micro in micro_batches(batch, settings.micro_batch_size):
-                    share = weight(micro) / max(1, whole)
-                    with meter.saved_tensors(micro):
-                        with autocast(device, settings.precision):
-                            loss = model(**micro).loss * share
-                        if not losses:
-                            meter.read_graph(loss)
-                        if not torch.isfinite(loss):
-                            raise Diverged(f"loss is {loss.item()} at step {len(losses)}")
-                        scaler.scale(loss).backward()
-                    step_loss += loss.item()
-                if settings.max_grad_norm:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                if not losses:
-                    meter.record_states(model, optimizer)
-                optimizer.zero_grad(set_to_none=True)
+                micro_losses = step(
+                    model, optimizer, scheduler, scaler, batch, settings, device, meter, first=not losses
+                )
+                step_loss = sum(loss.item() for loss in micro_losses)
+            if not math.isfinite(step_loss):
+                raise Diverged(f"loss is {step_loss} at step {len(losses)}")
             losses.append(step_loss)
             bar.update()
             bar.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
             if len(losses) >= steps:
                 break
     bar.close()
+    return losses
+
+
+def step(model, optimizer, scheduler, scaler, batch, settings: TrainSettings, device, meter: Meter, first: bool):
+    """One optimizer step over `batch`; returns its micro-batches' losses (as tensors: reading a value waits
+    for the device, and a plan's tensors have none). The first step's FLOPs, attention kernel, gradients and
+    optimizer state go to the meter."""
+    with meter.count_flops() if first else contextlib.nullcontext():
+        losses = accumulate(model, scaler, batch, settings, device, meter, first)
+        if settings.max_grad_norm:
+            scaler.unscale_(optimizer)
+            trainable = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+    if first:
+        meter.record_states(model, optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    return losses
+
+
+def accumulate(model, scaler, batch, settings: TrainSettings, device, meter: Meter, first: bool = False):
+    """Forward and backward of each micro-batch of `batch`, under the meter's saved-tensor count, their
+    gradients accumulated; returns their losses, weighted as shares of the batch's."""
+    losses, whole = [], weight(batch)
+    for micro in micro_batches(batch, settings.micro_batch_size):
+        with meter.saved_tensors(micro):
+            with autocast(device, settings.precision):
+                loss = model(**micro).loss * (weight(micro) / max(1, whole))
+            if first and not losses:
+                meter.read_graph(loss)
+            scaler.scale(loss).backward()
+        losses.append(loss.detach())
     return losses
 
 

@@ -7,9 +7,12 @@ one cell, not the suite. Every outcome the process lives to see (ok, failed, oom
 diverged) is written as a record with the figures known up to then.
 """
 
+import gc
+import os
 import random
 import resource
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -50,11 +53,12 @@ def unsupported(cell: Cell, anatomy) -> str | None:
     return stack_of(cell).unsupported(anatomy)
 
 
-def build(cell: Cell, total_steps: int | None = None, device: torch.device | None = None):
+def build(cell: Cell, total_steps: int | None = None, device: torch.device | None = None, read_weights: bool = True):
     """Backbone with head and the entry's method applied (a Stack of its components, however many);
     (model, declared trainable count, optimizer groups, whether the saved bytes can follow the values
-    and not only the shapes). `total_steps`, the run's length, is passed to the method before it applies."""
-    model = backbone.load_model(cell.backbone, cell.task)
+    and not only the shapes). `total_steps`, the run's length, is passed to the method before it applies.
+    Without `read_weights` the backbone is built from its config (harness.plan builds it of fake tensors)."""
+    model = backbone.load_model(cell.backbone, cell.task, read_weights)
     if cell.backbone.dtype in backbone.QUANTISED:  # before the method: it wraps the quantised layers
         backbone.quantise_blocks(model, cell.backbone.dtype, device or torch.device("cpu"))
     if cell.train.gradient_checkpointing:
@@ -86,6 +90,27 @@ def provenance(cell: Cell) -> dict:
     }
 
 
+def loaders(cell: Cell, data_dir: Path | None, preprocessor):
+    """(train frame, train loader, eval loader): the cell's data as it trains on it, shuffled by its seed."""
+    task, settings = cell.task, cell.train
+    train_frame = data.subset(data.load_split(task, task.train_split, data_dir), settings.max_train_samples)
+    eval_frame = data.subset(data.load_split(task, task.eval_split, data_dir), settings.max_eval_samples)
+    train_loader = torch.utils.data.DataLoader(
+        data.examples(task, train_frame, preprocessor, settings.max_seq_length),
+        batch_size=settings.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(cell.seed),
+        collate_fn=data.make_collate(task, preprocessor, settings.padding, settings.max_seq_length),
+        drop_last=len(train_frame) > settings.batch_size,
+    )
+    eval_loader = torch.utils.data.DataLoader(
+        data.examples(task, eval_frame, preprocessor, settings.max_seq_length),
+        batch_size=settings.eval_batch_size,
+        collate_fn=data.make_collate(task, preprocessor, settings.padding, settings.max_seq_length, evaluation=True),
+    )
+    return train_frame, train_loader, eval_loader
+
+
 def run_cell(
     cell: Cell, data_dir: Path | None, device_name: str = "auto", progress: bool = True, known: dict | None = None
 ) -> dict:
@@ -100,25 +125,7 @@ def run_cell(
     try:
         seed_everything(cell.seed)
         preprocessor = backbone.load_preprocessor(cell.backbone, task)
-        train_frame = data.subset(data.load_split(task, task.train_split, data_dir), settings.max_train_samples)
-        eval_frame = data.subset(data.load_split(task, task.eval_split, data_dir), settings.max_eval_samples)
-        collate = data.make_collate(task, preprocessor, settings.padding, settings.max_seq_length)
-        generator = torch.Generator().manual_seed(cell.seed)
-        train_loader = torch.utils.data.DataLoader(
-            data.examples(task, train_frame, preprocessor, settings.max_seq_length),
-            batch_size=settings.batch_size,
-            shuffle=True,
-            generator=generator,
-            collate_fn=collate,
-            drop_last=len(train_frame) > settings.batch_size,
-        )
-        eval_loader = torch.utils.data.DataLoader(
-            data.examples(task, eval_frame, preprocessor, settings.max_seq_length),
-            batch_size=settings.eval_batch_size,
-            collate_fn=data.make_collate(
-                task, preprocessor, settings.padding, settings.max_seq_length, evaluation=True
-            ),
-        )
+        train_frame, train_loader, eval_loader = loaders(cell, data_dir, preprocessor)
         model, declared, groups, value_dependent = build(cell, total_steps(settings, len(train_loader)), device)
         model.to(device)
         record["params"] = {
@@ -130,7 +137,14 @@ def run_cell(
 
         # per_shape counting is exact only where the shapes decide what is saved
         counting = "every_step" if value_dependent else settings.count_activations
-        meter = Meter(model, device, settings.timing_warmup_steps, settings.nvml_interval_s, count_activations=counting)
+        meter = Meter(
+            model,
+            device,
+            settings.timing_warmup_steps,
+            settings.nvml_interval_s,
+            count_activations=counting,
+            precision=settings.precision,
+        )
         with meter.phase("train"):
             losses = train(model, groups, train_loader, settings, device, meter, progress)
         record["train"] = {
@@ -152,9 +166,9 @@ def run_cell(
             }
         record["status"] = "ok"
     except Diverged as exc:
-        record.update(status="diverged", error=_error(exc))
+        record.update(status="diverged", error=error_record(exc))
     except Exception as exc:
-        record.update(status="oom" if is_out_of_memory(exc) else "failed", error=_error(exc))
+        record.update(status="oom" if is_out_of_memory(exc) else "failed", error=error_record(exc))
     finally:
         if meter is not None:
             record["measurements"].update(meter.summary())
@@ -182,7 +196,7 @@ def limit_host_memory(gigabytes: float | None) -> None:
         resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
 
 
-def _error(exc: BaseException) -> dict:
+def error_record(exc: BaseException) -> dict:
     tail = traceback.format_exception(exc)[-12:]
     return {
         "type": type(exc).__name__,
@@ -194,6 +208,7 @@ def _error(exc: BaseException) -> dict:
 # Imported once by the fork server, so that each cell's process starts warm.
 PRELOAD = [
     "harness.worker",
+    "harness.plan",
     "harness.method",
     "transformers.models.auto.modeling_auto",
     "transformers.models.auto.tokenization_auto",
@@ -210,14 +225,21 @@ def run_job(job: dict, record_path: str) -> None:
     # resource tracker to warn about.
     tqdm.tqdm.set_lock(threading.RLock())
     limit_host_memory(job["cell"]["train"].get("host_memory_limit_gb"))
+    cell, data_dir = Cell.from_dict(job["cell"]), Path(job["data_dir"]) if job["data_dir"] else None
     try:
-        record = run_cell(
-            Cell.from_dict(job["cell"]),
-            Path(job["data_dir"]) if job["data_dir"] else None,
-            job["device"],
-            job["progress"],
-            job["provenance"],
-        )
+        if job.get("planning") is not None:
+            from harness import plan
+
+            # No cyclic garbage collection in a plan's process, and no interpreter teardown after its record:
+            # freeing fake tensors at those points has crashed processes (SIGSEGV, SIGABRT), now and then.
+            gc.disable()
+            record = plan.plan_cell(cell, data_dir, job["provenance"], tuple(job["planning"]["budgets"]))
+            results.write_atomic(Path(record_path), record)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+        else:
+            record = run_cell(cell, data_dir, job["device"], job["progress"], job["provenance"])
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the runner records the cell
         # The runner forwards the interrupt too (SIGTERM reaches it alone); a second SIGINT arriving while
         # this process exits would raise inside multiprocessing's exit handlers and print their traceback.

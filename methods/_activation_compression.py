@@ -59,6 +59,7 @@ alone (the layout kept on `ctx` holds shapes, not tensors), and the q/k/v
 sharing cache holds weak references only.
 """
 
+import copy
 import functools
 import math
 import types
@@ -68,8 +69,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from harness.anatomy import describe, is_activation, norm_kind, transformers_model
+from harness.meter import is_fake
 
 
 @dataclass(frozen=True)
@@ -524,6 +527,26 @@ def _probe(width: int, like: torch.Tensor, rows: int = 3) -> torch.Tensor:
     return (torch.sin(steps * 0.7) * (1 + steps % 5)).reshape(rows, width).to(like.dtype)
 
 
+def _with_values(module: nn.Module) -> nn.Module:
+    """`module`, or for a plan's module of fake tensors (harness.plan) a copy holding real, fixed values: a probe
+    asks what the module's code computes, which the code decides and the values of its weights do not. The copy
+    is shallow but for its children and tensors (a deep copy of fake tensors outside their mode is unsafe)."""
+    if not any(is_fake(t) for t in (*module.parameters(), *module.buffers())):
+        return module
+
+    def real(t: torch.Tensor | None):
+        if t is None:
+            return None
+        values = _probe(t.numel(), torch.empty(0, dtype=t.dtype), rows=1).reshape(t.shape)
+        return nn.Parameter(values, t.requires_grad) if isinstance(t, nn.Parameter) else values
+
+    copied = copy.copy(module)
+    copied._parameters = {name: real(t) for name, t in module._parameters.items()}
+    copied._buffers = {name: real(t) for name, t in module._buffers.items()}
+    copied._modules = {name: _with_values(child) for name, child in module._modules.items()}
+    return copied
+
+
 def _rms_eps(module: nn.Module) -> float | None:
     """The epsilon of an RMSNorm whose forward is weight * x / sqrt(mean(x^2) + eps) (checked on a probe input),
     else None: another form (Gemma's (1 + weight)) gets no compressed backward."""
@@ -534,6 +557,12 @@ def _rms_eps(module: nn.Module) -> float | None:
         return None
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
     eps = torch.finfo(weight.dtype).eps if eps is None else float(eps)
+    with unset_fake_temporarily():  # a plan's module is probed through a copy with values, outside the fake mode
+        return _rms_probe(_with_values(module), eps)
+
+
+def _rms_probe(module: nn.Module, eps: float) -> float | None:
+    weight = module.weight
     x = _probe(weight.shape[0], weight)
     with torch.no_grad():
         try:
@@ -556,7 +585,7 @@ def _gated_ffns(model: nn.Module) -> list[tuple[nn.Module, tuple[str, str, str, 
         blocks = describe(model).blocks
     except (ValueError, AttributeError):  # not a transformers model with a head (a bare module in a test)
         return []
-    found = []
+    found, verdicts = [], {}  # a plan's verdict per FFN class and layout: its copies with values cost memory
     for block in blocks:
         if not block.gated:
             continue
@@ -574,18 +603,35 @@ def _gated_ffns(model: nn.Module) -> list[tuple[nn.Module, tuple[str, str, str, 
             continue
         ffn = model.get_submodule(parent)
         activations = [name for name, c in ffn.named_children() if is_activation(c)]
-        # a floating weight gives the probe its dtype; bitsandbytes' packed weights are integers, computed in bf16
-        weight = next((p for p in ffn.parameters() if p.is_floating_point()), None)
-        if weight is None:
-            weight = torch.empty(0, dtype=torch.bfloat16, device=next(ffn.parameters()).device)
+        weight = _probe_like(ffn)
         if len(activations) != 1 or weight.is_meta:
             continue
         names = (*(p.rpartition(".")[2] for p in paths), activations[0])
-        x = _probe(up.in_features, weight)
-        with torch.no_grad():
-            if torch.equal(type(ffn).forward(ffn, x), _gated_ffn(ffn, names, parts, x, None, None, None)):
-                found.append((ffn, names, parts))
+        if is_fake(weight):
+            layout = (type(ffn), names, parts, tuple((n, t.shape) for n, t in ffn.named_parameters()))
+            if layout not in verdicts:
+                with unset_fake_temporarily():  # the copy's values and the probe are real
+                    verdicts[layout] = _computes_gated(_with_values(ffn), names, parts, up.in_features)
+            gated = verdicts[layout]
+        else:
+            gated = _computes_gated(ffn, names, parts, up.in_features)
+        if gated:
+            found.append((ffn, names, parts))
     return found
+
+
+def _probe_like(ffn: nn.Module) -> torch.Tensor:
+    """A floating weight, which gives the probe its dtype; bitsandbytes' packed weights are integers, computed
+    in bf16."""
+    weight = next((p for p in ffn.parameters() if p.is_floating_point()), None)
+    return weight if weight is not None else torch.empty(0, dtype=torch.bfloat16, device=next(ffn.parameters()).device)
+
+
+def _computes_gated(ffn: nn.Module, names, parts, width: int) -> bool:
+    """Whether the FFN's own forward gives down(act(gate(x)) * up(x)) on a probe input, to the bit."""
+    x = _probe(width, _probe_like(ffn))
+    with torch.no_grad():
+        return torch.equal(type(ffn).forward(ffn, x), _gated_ffn(ffn, names, parts, x, None, None, None))
 
 
 def _gated_ffn(ffn: nn.Module, names, parts, x, store, bits, group_size):

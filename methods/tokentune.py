@@ -95,7 +95,7 @@ class _Selection:
     def __init__(self, fraction: float, reads: str, causal: bool):
         self.fraction, self.reads, self.causal = fraction, reads, causal
         self.attention_mask = None
-        self.order = self.inverse = None
+        self.order = self.inverse = self.valid = None
         self.count = 0
 
     def choose(self, hidden: torch.Tensor) -> None:
@@ -113,6 +113,13 @@ class _Selection:
 def _remember_mask(base, args, kwargs):
     # through the module the hook fires on, never a closure: a deep copy of the model must fill its own
     base.tokentune_selection.attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
+
+def _forget_choice(base, args, kwargs, output):
+    # Once the forward is done only its graph may hold the choice (as the saved tensors it needs for backward):
+    # kept here too, the order and the mask would outlive backward until the next forward.
+    selection = base.tokentune_selection
+    selection.attention_mask = selection.order = selection.inverse = selection.valid = None
 
 
 class _Plan:
@@ -196,6 +203,7 @@ class TokenTune(Method):
         base = anatomy.base.module
         base.tokentune_selection = _Selection(self.hparams["fraction"], anatomy.head.reads, anatomy.causal)
         base.register_forward_pre_hook(_remember_mask, with_kwargs=True)
+        base.register_forward_hook(_forget_choice, with_kwargs=True)
         blocks = anatomy.blocks
         for i, block in enumerate(blocks):
             module = block.module

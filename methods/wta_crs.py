@@ -191,6 +191,9 @@ class WTACRS(Method):
     defaults = {"ratio": 0.3, "skip": ["query", "key", "value"]}
     activations_depend_on_values = True  # the kept rows follow the attention mask's real-token count
 
+    def unplannable(self):
+        return "which rows it keeps, and how many, follow the activations' norms (values a plan does not have)"
+
     def check_hparams(self):
         if not 0 < self.hparams["ratio"] <= 1:
             raise ValueError(f"ratio must be in (0, 1], got {self.hparams['ratio']}")

@@ -219,3 +219,30 @@ def test_reserved_memory_is_read_after_every_step_and_summarised_as_peft_does(mo
     assert summary["reserved_max_bytes"] == 1000 and summary["reserved_mean_bytes"] == 400
     assert summary["reserved_p99_bytes"] == pytest.approx(np.percentile([100, 300, 200, 1000], 99))
     assert "reserved_max_bytes" not in Meter(model, torch.device("cpu")).summary(), "no CUDA, no figure"
+
+
+def test_flops_of_a_step_by_hand_and_the_rate_only_where_every_step_is_alike():
+    """A bias-free Linear (in 6, out 5) on 7 rows whose input needs no gradient: 2*7*6*5 multiply-adds forward,
+    as many for the weight's gradient, none for the input's; the optimizer's and the loss's work is elementwise."""
+
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(6, 5, bias=False)
+
+        def forward(self, input_ids, labels):  # the meter counts tokens as input_ids' elements
+            return type("Out", (), {"loss": (self.layer(input_ids) - labels).pow(2).mean()})()
+
+    model = Linear()
+    groups = [{"params": list(model.parameters()), "lr": 1e-3}]
+    alike = [{"input_ids": torch.randn(7, 6), "labels": torch.randn(7, 5)} for _ in range(3)]
+    meter = Meter(model, torch.device("cpu"), timing_warmup_steps=0)
+    train(model, groups, alike, TrainSettings(max_steps=3, max_grad_norm=None), torch.device("cpu"), meter, False)
+    figures = meter.summary()
+    assert figures["train_step_flops"] == 2 * (2 * 7 * 6 * 5)
+    assert figures["achieved_flops_per_s"] > 0 and "mfu" not in figures, "no GPU, no peak, no MFU"
+    unlike = alike[:2] + [{"input_ids": torch.randn(9, 6), "labels": torch.randn(9, 5)}]
+    meter = Meter(model, torch.device("cpu"), timing_warmup_steps=0)
+    train(model, groups, unlike, TrainSettings(max_steps=3, max_grad_norm=None), torch.device("cpu"), meter, False)
+    figures = meter.summary()
+    assert "achieved_flops_per_s" not in figures and any("FLOP/s left empty" in n for n in figures["meter_notes"])

@@ -258,9 +258,16 @@ def test_tokentune_saved_bytes_scale_with_the_fraction():
 
 def test_tokentune_gradient_flows_only_through_selected_tokens():
     model = TokenTune(fraction=0.3).apply(no_dropout(tiny_bert(TASK)), TASK)
+    selection, chosen = model.bert.tokentune_selection, {}
+    choose = selection.choose
+
+    def remember(hidden):  # the choice is forgotten once the forward ends: only the graph holds it then
+        choose(hidden)
+        chosen.update(order=selection.order, count=selection.count)
+
+    selection.choose = remember
     step(model, BATCH)
-    selection = model.bert.tokentune_selection
-    selected_ids = set(BATCH["input_ids"].gather(1, selection.order[:, : selection.count]).flatten().tolist())
+    selected_ids = set(BATCH["input_ids"].gather(1, chosen["order"][:, : chosen["count"]]).flatten().tolist())
     touched = set(model.bert.embeddings.word_embeddings.weight.grad.abs().sum(1).nonzero().flatten().tolist())
     assert touched and touched <= selected_ids
 
