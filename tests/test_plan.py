@@ -23,6 +23,8 @@ UNPLANNABLE = {
     "p_tuning": "LSTM kernel saves a workspace",
     "wta_crs": "activations' norms",
     "velora": "reads a value a plan does not have",
+    "ln_tuning": "deep-copies norm layers",
+    "lst": "deep-copies norm layers",
 }
 EXTRA_ENTRIES = (
     "  - {stack: [{method: lora}, {method: tokentune}], label: lora+tokentune}\n"
