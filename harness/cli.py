@@ -18,15 +18,11 @@ def _cmd_run(args) -> int:
     suite = config.load_suite(args.suite)
     out_dir = Path(args.out) if args.out else Path("results") / suite.name
     records = runner.run_suite(suite, out_dir, args.data_dir, args.device, args.fresh, args.max_train_samples)
-    counts = {}
-    for r in records:
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
-    tally = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    tally, finished = _tally(records)
     print(f"{suite.name}: {len(records)} cells ({tally}); results in {out_dir}")
     if not args.no_report:
         _report_after_run(out_dir, Path("reports") / suite.name)
-    # An unsupported cell is the configuration's answer, known before training (validate lists it): not a failure.
-    return 0 if counts.get("ok", 0) + counts.get("unsupported", 0) == len(records) else 1
+    return 0 if finished else 1
 
 
 def _cmd_plan(args) -> int:
@@ -43,14 +39,21 @@ def _cmd_plan(args) -> int:
     records = runner.run_suite(
         suite, out_dir, args.data_dir, fresh=True, planning={"budgets": args.budget or []}, overrides=overrides
     )
+    tally, finished = _tally(records)
+    print(f"{suite.name}: {len(records)} cells planned ({tally}); plans in {out_dir}")
+    if not args.no_report:
+        _report_after_run(out_dir, Path("reports") / name)
+    return 0 if finished else 1
+
+
+def _tally(records: list[dict]) -> tuple[str, bool]:
+    """('3 ok, 1 failed', whether every cell ended well). An unsupported cell is the configuration's answer,
+    known before training (validate lists it): not a failure."""
     counts = {}
     for r in records:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     tally = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-    print(f"{suite.name}: {len(records)} cells planned ({tally}); plans in {out_dir}")
-    if not args.no_report:
-        _report_after_run(out_dir, Path("reports") / name)
-    return 0 if counts.get("ok", 0) + counts.get("unsupported", 0) == len(records) else 1
+    return tally, counts.get("ok", 0) + counts.get("unsupported", 0) == len(records)
 
 
 def _report_after_run(results_dir: Path, out_dir: Path) -> None:

@@ -14,7 +14,7 @@ Which batches a plan steps through, from the batches the run would see (its seed
   activation maximum over its batch shapes, since what a step saves grows with its shapes;
 - for a method whose saved bytes follow the values (`activations_depend_on_values`), also the batch with the
   most real tokens and the one holding the longest row: what such methods keep follows one or the other
-  (WTA-CRS's sample the real-token count, TokenTune's selected block the longest row's).
+  (a sample of the real tokens follows their count; a block of selected tokens, the longest row).
 
 With a budget, the largest micro-batch (the examples of one forward and backward) whose modelled peak fits
 is searched for, at the cell's sequence length with every position a real token (the worst case).
