@@ -35,6 +35,8 @@ from unittest import mock
 
 import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from harness import backbone, data, results, worker
 from harness.config import Cell
@@ -45,6 +47,7 @@ from harness.train import accumulate, linear_schedule, make_optimizer, step, tot
 CPU = torch.device("cpu")
 PLANNED_DEVICE = "plan: fake tensors, CPU kernels"
 LARGEST_SEARCHED = 4096  # the search stops here: a batch this large that still fits is reported as "at least"
+LARGEST_REAL_FACTORY_BYTES = 16 * 2**20  # larger tensors made from shapes alone are fake (LargeFactoriesFake)
 
 
 @contextlib.contextmanager
@@ -55,7 +58,11 @@ def fake_tensors():
     (peft moves each adapter it adds to its base layer's device and dtype: the ones it has) is left undone, and
     any other takes the copy's data, as Module.to does for plain tensors.
     And fake weights take no values: torch's truncated-normal initialiser, which redraws the samples outside its
-    bounds until none is left (a test of values), leaves them as they are, as it does meta tensors."""
+    bounds until none is left (a test of values), leaves them as they are, as it does meta tensors.
+    And a copy of a fake tensor stays in this mode: torch's Tensor.__deepcopy__ deep-copies a subclass's __dict__,
+    and a fake tensor's holds its mode, so each copy.deepcopy of a module (peft's LN tuning copies every norm,
+    LST its side network's) made a new mode by copying this one with all it refers to; freeing those copies
+    crashed planning processes now and then (SIGSEGV, SIGABRT)."""
     swap = torch.utils.swap_tensors
 
     def swap_or_set(t1, t2):
@@ -71,8 +78,35 @@ def fake_tensors():
         FakeTensorMode(allow_non_fake_inputs=True) as mode,
         mock.patch("torch.utils.swap_tensors", swap_or_set),
         mock.patch("torch.nn.init._no_grad_trunc_normal_", lambda tensor, *args, **kwargs: tensor),
+        mock.patch.object(FakeTensorMode, "__deepcopy__", lambda mode, memo: mode, create=True),
     ):
         yield mode
+
+
+class LargeFactoriesFake(TorchDispatchMode):
+    """During a plan's step, a tensor made from no tensor (torch.eye, zeros, full, arange...) above
+    LARGEST_REAL_FACTORY_BYTES is made fake. The step runs outside the fake mode so that what a method computes
+    from its inputs is real, which also makes such tensors real: peft's DoRA builds its low-rank update by passing
+    an identity of each layer's input width through the adapter, and at Llama-3.1-8B shape the 14,336-wide
+    identity (822 MB, and its bf16 copy under autocast) took most of a minute per step to fill and cast, only to
+    meet fake weights. Its shape, dtype and device are unchanged, so is every figure; a tensor that large made from
+    shapes is a workspace for weights, not a value methods read, and code that did read one would stop the plan
+    with CannotPlan, never give a wrong figure."""
+
+    def __init__(self, mode: FakeTensorMode):
+        super().__init__()
+        self.mode = mode
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if any(isinstance(a, torch.Tensor) for a in tree_leaves((args, kwargs))):
+            return func(*args, **kwargs)
+        with self.mode:
+            fake = func(*args, **kwargs)
+        made = [t for t in tree_leaves(fake) if isinstance(t, torch.Tensor)]
+        if sum(t.numel() * t.element_size() for t in made) > LARGEST_REAL_FACTORY_BYTES:
+            return fake
+        return func(*args, **kwargs)
 
 
 class CannotPlan(Exception):
@@ -116,7 +150,7 @@ class Planner:
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         meter = Meter(self.model, CPU, count_activations="every_step", precision=settings.precision)
         self.model.train()
-        with reading_no_values("its code"):
+        with reading_no_values("its code"), LargeFactoriesFake(self.mode):
             step(self.model, optimizer, scheduler, scaler, batches[0], settings, CPU, meter, first=True)
             for batch in batches[1:]:  # only their saved tensors are read: no update (none changes a shape)
                 accumulate(self.model, scaler, batch, settings, CPU, meter)
@@ -130,7 +164,7 @@ class Planner:
         one_pass = dataclasses.replace(self.cell.train, micro_batch_size=None)
         meter = Meter(self.model, CPU, count_activations="every_step", precision=one_pass.precision)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        with reading_no_values("its code"):
+        with reading_no_values("its code"), LargeFactoriesFake(self.mode):
             accumulate(self.model, scaler, batch, one_pass, CPU, meter)
         self.model.zero_grad(set_to_none=True)
         return meter.summary()["activation_bytes"]

@@ -2,6 +2,7 @@
 of the same cell measures; on MiniLM at dynamic and fixed padding, and on the tiny decoders and ViT. A method
 that cannot be planned says why, and only the ones named here may."""
 
+import copy
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from harness import anatomy, backbone, plan, results, runner, worker
 from harness.config import load_suite
@@ -23,8 +25,6 @@ UNPLANNABLE = {
     "p_tuning": "LSTM kernel saves a workspace",
     "wta_crs": "activations' norms",
     "velora": "reads a value a plan does not have",
-    "ln_tuning": "deep-copies norm layers",
-    "lst": "deep-copies norm layers",
 }
 EXTRA_ENTRIES = (
     "  - {stack: [{method: lora}, {method: tokentune}], label: lora+tokentune}\n"
@@ -146,6 +146,45 @@ def test_a_quantised_backbone_is_not_planned_and_says_why(tmp_path, data_dir):
     (cell,) = load_suite(suite).cells()
     planned = plan.plan_cell(cell, data_dir, worker.provenance(cell))
     assert planned["status"] == "unsupported" and "bitsandbytes quantises" in planned["error"]["message"]
+
+
+def test_a_module_copied_while_planning_stays_in_the_plans_mode():
+    """copy.deepcopy of fake weights (peft's LN tuning, LST) must not copy the mode with them: freeing such copies
+    crashed planning processes."""
+    with plan.fake_tensors() as mode:
+        norm = torch.nn.LayerNorm(8)
+        copied = copy.deepcopy(norm)
+    assert copied.weight is not norm.weight and copied.weight.fake_mode is mode
+
+
+def test_a_large_tensor_made_from_shapes_is_fake_while_planning_and_a_small_one_real(monkeypatch):
+    with plan.fake_tensors() as mode:
+        pass
+    with plan.LargeFactoriesFake(mode):
+        large = torch.eye(plan.LARGEST_REAL_FACTORY_BYTES // 2**11)  # 2**21 elements of 4 bytes above the limit
+        small = torch.arange(5)
+    assert large.shape[0] == plan.LARGEST_REAL_FACTORY_BYTES // 2**11 and isinstance(large, FakeTensor)
+    assert not isinstance(small, FakeTensor) and small.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_dora_plans_the_same_figures_when_its_identity_is_fake(monkeypatch, tmp_path, data_dir):
+    """peft's DoRA passes an identity of each layer's input width through its adapter; at 8B shape it is made fake.
+    Lowered limit: MiniLM's 384- and 1536-wide identities are made fake here, and the figures stay a run's."""
+    cell = cells(tmp_path, "minilm", "dynamic")["dora"]
+    monkeypatch.setattr(plan, "LARGEST_REAL_FACTORY_BYTES", 64 * 2**10)
+    made_fake = []
+    dispatch = plan.LargeFactoriesFake.__torch_dispatch__
+
+    def recording(self, func, types, args=(), kwargs=None):
+        out = dispatch(self, func, types, args, kwargs)
+        if isinstance(out, FakeTensor):
+            made_fake.append(str(func))
+        return out
+
+    monkeypatch.setattr(plan.LargeFactoriesFake, "__torch_dispatch__", recording)
+    planned = plan.plan_cell(cell, data_dir, worker.provenance(cell))
+    assert any("eye" in op for op in made_fake), made_fake
+    check(planned, worker.run_cell(cell, data_dir, "cpu", progress=False), "dora")
 
 
 def test_counting_flops_changes_nothing_the_meter_counts(data_dir, tmp_path):
