@@ -171,8 +171,11 @@ class Planner:
 
 
 def _reader(exc: BaseException) -> str:
-    """Where the code that asked for a value is: the innermost frame outside torch, as `file:line (code)`."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename]
+    """Where the code that asked for a value is: the innermost frame outside torch and this module (whose
+    dispatch mode sees every op), as `file:line (code)`."""
+    frames = [
+        f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename and f.filename != __file__
+    ]
     if not frames:
         return str(exc)
     frame = frames[-1]

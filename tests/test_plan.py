@@ -24,7 +24,7 @@ METHODS = sorted(registry())
 UNPLANNABLE = {
     "p_tuning": "LSTM kernel saves a workspace",
     "wta_crs": "activations' norms",
-    "velora": "reads a value a plan does not have",
+    "velora": "reads a value a plan does not have, at peft/tuners/lora/velora.py",  # the line that reads it
 }
 EXTRA_ENTRIES = (
     "  - {stack: [{method: lora}, {method: tokentune}], label: lora+tokentune}\n"
