@@ -8,6 +8,7 @@ A cell is one (task, method entry, seed) with every setting resolved; its
 import dataclasses
 import hashlib
 import importlib.util
+import itertools
 import json
 import math
 import typing
@@ -20,7 +21,7 @@ from harness import results
 from harness.errors import UserError, did_you_mean
 from harness.gate import parse_settings as parse_gate
 from harness.method import resolve as resolve_method
-from harness.tasks import BUILTIN_TASKS, TaskSpec
+from harness.tasks import BUILTIN_TASKS, TaskSpec, check_dev
 from harness.user_yaml import suite_mapping
 
 
@@ -107,6 +108,14 @@ class MethodEntry:
     components: tuple[Component, ...]
     lr: float
     train: dict = field(default_factory=dict)  # overrides of the suite's TrainSettings
+    # One point of a swept entry (`sweep:`): the entry's own label, and the values this point gives its keys
+    swept_from: str | None = None
+    point: tuple[tuple[str, typing.Any], ...] = ()
+
+    @property
+    def group(self) -> str:
+        """The method entry as the suite names it: what selection picks one point of."""
+        return self.swept_from or self.label
 
 
 @dataclass(frozen=True)
@@ -135,6 +144,7 @@ class Cell:
             "backbone_description": backbones.describe(self.backbone),
             "trust_remote_code": self.backbone.trust_remote_code,
             "pooling": self.backbone.pooling,
+            **({"entry": self.entry.group, "point": dict(self.entry.point)} if self.entry.point else {}),
             # absent means pretrained, so records made before random weights existed keep their hash
             **({"weights": self.backbone.weights} if self.backbone.random else {}),
             **({"dtype": self.backbone.dtype} if self.backbone.dtype != "fp32" else {}),
@@ -148,7 +158,13 @@ class Cell:
         return cls(
             suite=values["suite"],
             task=TaskSpec.from_dict(values["task"]),
-            entry=MethodEntry(values["label"], components, values["lr"]),
+            entry=MethodEntry(
+                values["label"],
+                components,
+                values["lr"],
+                swept_from=values.get("entry"),
+                point=tuple(values.get("point", {}).items()),
+            ),
             seed=values["seed"],
             train=TrainSettings.from_dict(values["train"]),
             backbone=backbones.Backbone(
@@ -194,7 +210,8 @@ class Suite:
 
 
 SUITE_KEYS = {"name", "description", "backbone", "tasks", "methods", "seeds", "train", "gate"}
-ENTRY_KEYS = {"method", "stack", "label", "lr", "hparams", "train"}
+ENTRY_KEYS = {"method", "stack", "label", "lr", "hparams", "train", "sweep"}
+TASK_ENTRY_KEYS = {"task", "train", "dev_size", "dev_split"}
 TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainSettings)}
 
 
@@ -314,15 +331,103 @@ def _parse_entry(raw, where: str, suite_train: dict) -> MethodEntry:
     return MethodEntry(label, components, lr, overrides)
 
 
+def _parse_entries(raw, where: str, suite_train: dict) -> list[MethodEntry]:
+    """A method entry, or one entry per point of its sweep (the product of its lists, in their order), each
+    labelled `LABEL@key=value,...` and checked as if written out by hand."""
+    if not isinstance(raw, dict) or "sweep" not in raw:
+        return [_parse_entry(raw, where, suite_train)]
+    base = _parse_entry({k: v for k, v in raw.items() if k != "sweep"}, where, suite_train)
+    grid = _parse_sweep(raw, f"{where}.sweep", base)
+    entries = []
+    for values in itertools.product(*grid.values()):
+        point = dict(zip(grid, values))
+        name = point_name(point)
+        try:
+            entry = _parse_entry(_with_point(raw, point, base), where, suite_train)
+        except UserError as exc:
+            raise UserError(f"{where}.sweep", f"at {name}: {exc.problem}", exc.fix) from None
+        label = f"{base.label}@{name}"
+        if any(ch in label for ch in "/\\\0"):
+            raise UserError(f"{where}.sweep", f"{name} cannot name a result file", "sweep values without '/'")
+        entries.append(dataclasses.replace(entry, label=label, swept_from=base.label, point=tuple(point.items())))
+    return entries
+
+
+def point_name(point: dict) -> str:
+    """`lr=0.0003,r=16`: a sweep point as its cells' labels name it."""
+
+    def short(value):
+        if isinstance(value, float):
+            return f"{value:g}"
+        if isinstance(value, (list, tuple)):
+            return "+".join(map(str, value))
+        return str(value)
+
+    return ",".join(f"{key}={short(value)}" for key, value in point.items())
+
+
+def _parse_sweep(raw: dict, where: str, base: MethodEntry) -> dict:
+    """The sweep's keys and their lists of values: `lr`, a training setting, or a hyperparameter of the entry's
+    method (of exactly one method of a stack)."""
+    sweep = raw["sweep"]
+    if not isinstance(sweep, dict) or not sweep:
+        raise UserError(where, "must map keys to lists of values", "e.g. sweep: {lr: [1.0e-4, 3.0e-4, 1.0e-3]}")
+    hparams = {key for c in base.components for key in c.hparams}
+    known = {"lr"} | set(TRAIN_FIELDS) | hparams
+    for key, values in sweep.items():
+        if key not in known:
+            raise _unknown(where, key, known)
+        owners = [c.ref for c in base.components if key in c.hparams]
+        if len(owners) > 1:
+            raise UserError(
+                f"{where}.{key}",
+                f"is a hyperparameter of {' and '.join(owners)}: a sweep cannot say which",
+                "sweep it in an entry of one method, or give the stack's methods their values by hand",
+            )
+        set_too = key == "lr" and "lr" in raw or key in (raw.get("train") or {})
+        set_too = set_too or any(key in (item.get("hparams") or {}) for item in raw.get("stack", [raw]))
+        if set_too:
+            raise UserError(f"{where}.{key}", "is both set in the entry and swept", f"remove the entry's {key}")
+        if not isinstance(values, list) or not values:
+            raise UserError(f"{where}.{key}", "must be a non-empty list of values", f"e.g. {key}: [a, b, c]")
+        if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
+            raise UserError(f"{where}.{key}", "lists a value twice", "list each value once")
+    return sweep
+
+
+def _with_point(raw: dict, point: dict, base: MethodEntry) -> dict:
+    """The entry as it would be written by hand with the point's values."""
+    out = {k: v for k, v in raw.items() if k != "sweep"}
+    for key, value in point.items():
+        if key == "lr":
+            out["lr"] = value
+        elif key in TRAIN_FIELDS and not any(key in c.hparams for c in base.components):
+            out["train"] = {**(out.get("train") or {}), key: value}
+        elif "stack" in out:
+            i = next(i for i, c in enumerate(base.components) if key in c.hparams)
+            out["stack"] = [
+                {**item, "hparams": {**(item.get("hparams") or {}), key: value}} if j == i else item
+                for j, item in enumerate(out["stack"])
+            ]
+        else:
+            out["hparams"] = {**(out.get("hparams") or {}), key: value}
+    return out
+
+
 def _parse_task(raw, where: str, base_dir: Path, suite_train: dict) -> tuple[TaskSpec, dict]:
-    """A task and its training overrides: `sst2`, `{task: sst2, train: {...}}`, or a new task's mapping."""
+    """A task and its training overrides: `sst2`, `{task: sst2, train: {...}, dev_size: N}`, or a new task's
+    mapping. An entry's dev_size or dev_split replaces the task's own."""
     if isinstance(raw, dict) and "task" in raw:
         for key in raw:
-            if key not in ("task", "train"):
-                raise _unknown(where, key, {"task", "train"})
+            if key not in TASK_ENTRY_KEYS:
+                raise _unknown(where, key, TASK_ENTRY_KEYS)
         overrides = parse_train(raw.get("train"), f"{where}.train")
         _settings({**suite_train, **overrides}, f"{where}.train")
-        return _parse_task(raw["task"], where, base_dir, suite_train)[0], overrides
+        task = _parse_task(raw["task"], where, base_dir, suite_train)[0]
+        held_out = check_dev(raw, where, task.train_split, task.eval_split)
+        if held_out:
+            task = dataclasses.replace(task, **{"dev_split": None, "dev_size": None, **held_out})
+        return task, overrides
     if isinstance(raw, dict) and "train" in raw:  # a new task declared here may carry overrides too
         raw = dict(raw)
         overrides = parse_train(raw.pop("train"), f"{where}.train")
@@ -418,7 +523,9 @@ def load_suite(path: str | Path) -> Suite:
     tasks = tuple(task for task, _ in parsed)
     task_train = {task.name: overrides for task, overrides in parsed if overrides}
     _no_duplicates([t.name for t in tasks], f"{where}.tasks", "each task once")
-    entries = tuple(_parse_entry(m, f"{where}.methods[{i}]", suite_train) for i, m in enumerate(raw["methods"]))
+    entries = tuple(
+        entry for i, m in enumerate(raw["methods"]) for entry in _parse_entries(m, f"{where}.methods[{i}]", suite_train)
+    )
     _no_duplicates(
         [e.label for e in entries], f"{where}.methods", "give repeated methods distinct labels, e.g. label: full-lr1e-4"
     )

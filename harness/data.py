@@ -24,6 +24,8 @@ READERS = {
     ".jsonl": lambda p: pd.read_json(p, lines=True),
 }
 SUBSET_SEED = 0  # the same train subset for every method and seed, so cells compare like with like
+DEV_SEED = 1  # which training examples are held out as dev data: the same for every cell of a task
+DEFAULT_DEV_SIZE, DEFAULT_DEV_FRACTION = 500, 0.1  # a task that says nothing holds out min(500, a tenth)
 
 
 def resolve_data_dir(flag: str | None) -> Path | None:
@@ -318,6 +320,27 @@ def subset(frame: pd.DataFrame, max_samples: int | None) -> pd.DataFrame:
         return frame
     order = np.random.default_rng(SUBSET_SEED).permutation(len(frame))[:max_samples]
     return frame.iloc[np.sort(order)].reset_index(drop=True)
+
+
+def train_and_dev(task: TaskSpec, data_dir: Path | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The task's training examples and its dev examples, disjoint: the split the task names as dev, or
+    `dev_size` examples (by default min(500, a tenth of them)) drawn from the training split by a fixed seed and
+    taken out of it. Selection among a sweep's points reads dev scores only (harness.selection)."""
+    train = load_split(task, task.train_split, data_dir)
+    if task.dev_split is not None:
+        return train, load_split(task, task.dev_split, data_dir)
+    size = task.dev_size
+    if size is None:
+        size = max(1, min(DEFAULT_DEV_SIZE, int(len(train) * DEFAULT_DEV_FRACTION)))
+    if size >= len(train):
+        raise UserError(
+            f"task {task.name}.dev_size",
+            f"{size} dev examples out of {len(train)} training examples would leave none to train on",
+            f"use a dev_size below {len(train)}, or name a dev_split",
+        )
+    held = np.zeros(len(train), dtype=bool)
+    held[np.random.default_rng(DEV_SEED).permutation(len(train))[:size]] = True
+    return train[~held].reset_index(drop=True), train[held].reset_index(drop=True)
 
 
 class Encoded(torch.utils.data.Dataset):

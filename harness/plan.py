@@ -326,7 +326,7 @@ def plan_cell(cell: Cell, data_dir, known: dict, budgets: tuple[int, ...] = ()) 
 def _plan_into(record: dict, cell: Cell, data_dir, budgets) -> None:
     worker.seed_everything(cell.seed)
     preprocessor = backbone.load_preprocessor(cell.backbone, cell.task)
-    _, train_loader, _ = worker.loaders(cell, data_dir, preprocessor)
+    _, train_loader, _, _ = worker.loaders(cell, data_dir, preprocessor)
     steps = total_steps(cell.train, len(train_loader))
     planner = Planner(cell, steps)
     model = planner.model

@@ -3,7 +3,9 @@
 - pareto_memory: metric vs peak memory, the decision plot;
 - metric_vs_params: metric vs trainable parameters (log scale);
 - metric_vs_throughput: metric vs training samples/s;
-- memory_breakdown: stacked bars of what the modelled memory is made of.
+- memory_breakdown: stacked bars of what the modelled memory is made of;
+- sweeps (when the suite sweeps): each swept entry's mean dev score against each swept value, per task, the
+  selected point ringed.
 Each figure has one panel per task, after a panel for the across-task average
 when there is one. Points are coloured (and shaped) by family; the Pareto
 frontier (harness.pareto) is drawn and its points are ringed and labelled in bold.
@@ -41,6 +43,7 @@ TITLES = {
     "metric_vs_params": "Score vs trainable parameters",
     "metric_vs_throughput": "Score vs training throughput",
     "memory_breakdown": "Memory breakdown (modelled)",
+    "sweeps": "Dev score across each sweep",
 }
 STYLE = {
     "font.size": 9,
@@ -348,7 +351,62 @@ def draw(summary: Summary, out_dir: Path) -> dict[str, str]:
             )
         _save(fig, out_dir / "memory_breakdown")
         written["memory_breakdown"] = TITLES["memory_breakdown"]
+    if draw_sweeps(summary.sweeps, out_dir):
+        written["sweeps"] = TITLES["sweeps"]
     return written
+
+
+def sweep_panel(ax, task: str, entry: str, key: str, points: pd.DataFrame) -> None:
+    """Mean dev score (+- std over seeds) against one swept key's values; points that agree on the other swept
+    keys are joined, so a grid over two keys draws one line per value of the other."""
+    values = [p[key] for p in points["point"]]
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    order = sorted(set(values)) if numeric else list(dict.fromkeys(map(str, values)))
+    position = {v: (v if numeric else i) for i, v in enumerate(order)}
+    others = [tuple((k, str(v)) for k, v in p.items() if k != key) for p in points["point"]]
+    for rest in dict.fromkeys(others):
+        line = points[[o == rest for o in others]]
+        xs = [position[p[key] if numeric else str(p[key])] for p in line["point"]]
+        order_in_line = np.argsort(xs)
+        label = ", ".join(f"{k}={v}" for k, v in rest) or None
+        ax.errorbar(
+            np.array(xs)[order_in_line],
+            line["dev_mean"].to_numpy()[order_in_line],
+            yerr=line["dev_std"].fillna(0).to_numpy()[order_in_line],
+            marker="o",
+            ms=4,
+            capsize=2,
+            label=plain(label) if label else None,
+        )
+    chosen = points[points["selected"]]
+    for p, y in zip(chosen["point"], chosen["dev_mean"]):
+        ax.scatter([position[p[key] if numeric else str(p[key])]], [y], s=120, facecolors="none", edgecolors="black")
+    if numeric and min(order) > 0 and max(order) / min(order) >= 10:
+        ax.set_xscale("log")
+    if not numeric:
+        ax.set_xticks(range(len(order)), [plain(v) for v in order])
+    ax.set_xlabel(plain(key))
+    ax.set_ylabel(plain(f"dev {points['metric_name'].iloc[0]}"))
+    ax.set_title(plain(f"{task}: {entry}"))
+    if len(dict.fromkeys(others)) > 1:
+        ax.legend(fontsize=7, frameon=False)
+
+
+def draw_sweeps(sweeps: pd.DataFrame, out_dir: Path) -> bool:
+    """The sweeps figure, one panel per task, swept entry and key; False (nothing written) when nothing was swept."""
+    panels_ = [
+        (task, entry, key, points.reset_index(drop=True))
+        for (task, entry), points in sweeps.groupby(["task", "entry"], sort=False)
+        for key in points["point"].iloc[0]
+    ]
+    if not panels_:
+        return False
+    with plt.rc_context(STYLE):
+        fig, axes = _grid(len(panels_))
+        for ax, panel in zip(axes, panels_):
+            sweep_panel(ax, *panel)
+        _save(fig, out_dir / "sweeps")
+    return True
 
 
 def _save(fig, stem: Path) -> None:

@@ -139,7 +139,20 @@ def overall_columns(summary: Summary) -> list[Column]:
 
 def task_columns(frame: pd.DataFrame) -> list[Column]:
     metric = frame["metric_name"].dropna().iloc[0] if frame["metric_name"].notna().any() else "metric"
-    return common_columns(metric, "task")
+    columns = common_columns(metric, "task")
+    columns.insert(5, Column("n", "n", lambda r: str(r["seeds_ok"]), lambda r: r["seeds_ok"], "seeds that finished"))
+    if (frame["chosen"] != "").any():
+        columns.insert(
+            6,
+            Column(
+                "chosen",
+                "selected point",
+                lambda r: r["chosen"] + (f" (edge: {r['grid_edge']})" if r["grid_edge"] else ""),
+                lambda r: r["chosen"],
+                "the sweep point with the best mean dev score over seeds; edge: best at the end of its grid",
+            ),
+        )
+    return columns
 
 
 def glance(summary: Summary) -> tuple[str, list[tuple[str, str]]]:
@@ -153,6 +166,58 @@ def glance(summary: Summary) -> tuple[str, list[tuple[str, str]]]:
     return title, [
         (str(r["method"]), f"{fmt_metric(r['metric_mean'])} at {fmt_peak(r['peak_bytes'], r['peak_source'])}")
         for r in front.to_dict("records")
+    ]
+
+
+def paired_columns() -> list[Column]:
+    return [
+        Column("task", "task", lambda r: str(r["task"]), lambda r: str(r["task"])),
+        Column("method", "method", lambda r: str(r["method"]), lambda r: str(r["method"])),
+        Column("score", "score", lambda r: fmt_metric(r["score"]), lambda r: r["score"], "mean eval score over seeds"),
+        Column(
+            "difference",
+            "minus best",
+            lambda r: "best" if r["best"] else f"{r['difference']:+.4f}",
+            lambda r: r["difference"],
+        ),
+        Column(
+            "interval",
+            "95% interval",
+            lambda r: "" if r["best"] else f"[{r['low']:+.4f}, {r['high']:+.4f}]",
+            lambda r: r["low"],
+            "2.5th and 97.5th percentiles of the paired difference over resamples",
+        ),
+        Column(
+            "distinguishable",
+            "distinguishable",
+            lambda r: "" if r["best"] else ("yes" if r["distinguishable"] else "no"),
+            lambda r: 0 if r["distinguishable"] else 1,
+            "whether the interval excludes 0",
+        ),
+        Column("examples", "examples", lambda r: str(r["examples"]), lambda r: r["examples"], "eval examples"),
+    ]
+
+
+def sweep_columns() -> list[Column]:
+    return [
+        Column("task", "task", lambda r: str(r["task"]), lambda r: str(r["task"])),
+        Column("method", "method", lambda r: str(r["entry"]), lambda r: str(r["entry"]), "the suite's entry"),
+        Column("point", "point", lambda r: r["point_label"].partition("@")[2], lambda r: r["point_label"]),
+        Column(
+            "dev",
+            "dev score",
+            lambda r: fmt_metric(r["dev_mean"], r["dev_std"]),
+            lambda r: r["dev_mean"],
+            "mean ± std over seeds that finished, on the dev data",
+        ),
+        Column("n", "n", lambda r: str(r["seeds_ok"]), lambda r: r["seeds_ok"], "seeds that finished"),
+        Column(
+            "selected",
+            "selected",
+            lambda r: ("yes" + (f" (edge: {r['grid_edge']})" if r["grid_edge"] else "")) if r["selected"] else "",
+            lambda r: 0 if r["selected"] else 1,
+            "the point the tables above report",
+        ),
     ]
 
 
@@ -330,11 +395,23 @@ CAPTIONS = {
     "metric_vs_throughput": "Score against training samples per second (higher is better); frontier as above.",
     "memory_breakdown": "What each method's modelled training memory is made of, per task (mean over seeds). "
     "Black diamonds: device-measured peak, where the device gave one.",
+    "sweeps": "Each swept method's dev score (mean over seeds; bars: ± std) against each swept value, per task; "
+    "the ringed point is the one selected, and its eval score is the one the tables show. A selected point at "
+    "the end of its grid suggests the best lies beyond it.",
 }
+SWEEP_TITLE = "Sweeps: selection on dev data"
+PAIRED_TITLE = "Paired comparison with the best (95% paired bootstrap over eval examples)"
+PAIRED_NOTE = (
+    "Per task, each method's eval score (mean over seeds) minus the best's, and the 95% interval of that difference "
+    "over bootstrap resamples of the eval examples, the same resamples for every method. 'no' under "
+    "distinguishable: the interval holds 0, so this method and the best cannot be told apart at this level."
+)
 
 NOTES = [
     "Score: the task's primary metric on the evaluation split, mean ± sample standard deviation over the seeds that "
-    "finished; the across-task score is the GLUE-style average of the per-task means.",
+    "finished (n); the across-task score is the GLUE-style average of the per-task means. For a swept method, the "
+    "tables show the point with the best mean score on dev data held out from the training data (never the "
+    "evaluation split), per task; its values are the selected point.",
     "Peak memory: CUDA max_memory_allocated over training when run on a GPU, else the NVML peak, else the modelled "
     "peak (weights + buffers + gradients + optimizer state + saved activations), which leaves out framework "
     "temporaries; the label beside each figure says which. `planned` marks a plan's figure (python -m harness "
@@ -374,9 +451,21 @@ def render_html(summary: Summary, figures: dict, out_dir: Path, generated: str) 
     parts.append("<h2>Per task</h2>")
     for task, frame in summary.per_task.groupby("task", sort=False):
         parts += [f"<h3>{esc(task)}</h3>", html_table(frame, task_columns(frame), task)]
+    if len(summary.paired):
+        parts += [
+            f"<h2>{PAIRED_TITLE}</h2>",
+            f"<p>{esc(PAIRED_NOTE)}</p>",
+            html_table(summary.paired.assign(pareto=False), paired_columns(), "paired"),
+        ]
     parts.append("<h2>Costs</h2>")
     for name in ("metric_vs_params", "metric_vs_throughput", "memory_breakdown"):
         parts.append(figure_html(out_dir, name, figures[name], CAPTIONS[name]))
+    if "sweeps" in figures:
+        parts += [
+            f"<h2>{SWEEP_TITLE}</h2>",
+            figure_html(out_dir, "sweeps", figures["sweeps"], CAPTIONS["sweeps"]),
+            html_table(summary.sweeps.assign(pareto=False, method=summary.sweeps["entry"]), sweep_columns(), "sweep"),
+        ]
     parts += [f"<h2>{FAILED_TITLE}</h2>", failed_html(failed_cells(summary))]
     parts.append(
         '<h2>How to read the numbers</h2><ul class="notes">' + "".join(f"<li>{esc(n)}</li>" for n in NOTES) + "</ul>"
@@ -429,9 +518,15 @@ def render_markdown(summary: Summary, figures: dict, generated: str) -> str:
         out += [markdown_cell(summary.average_note), ""]
     for task, frame in summary.per_task.groupby("task", sort=False):
         out += [f"### {markdown_cell(task)}", "", md_table(frame, task_columns(frame)), ""]
+    if len(summary.paired):
+        paired = md_table(summary.paired.assign(pareto=False), paired_columns())
+        out += [f"### {PAIRED_TITLE}", "", PAIRED_NOTE, "", paired, ""]
     out += ["### Costs", ""] + [
         f"![{figures[n]}]({n}.png)" for n in ("metric_vs_params", "metric_vs_throughput", "memory_breakdown")
     ]
+    if "sweeps" in figures:
+        out += ["", f"### {SWEEP_TITLE}", "", f"![{figures['sweeps']}](sweeps.png)", ""]
+        out += [md_table(summary.sweeps.assign(pareto=False), sweep_columns())]
     failed = failed_cells(summary)
     if len(failed):
         out += ["", f"### {FAILED_TITLE}", "", md_table(failed.assign(pareto=False), failed_columns())]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness import selection
 from harness.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -35,6 +36,9 @@ CORE_COLUMNS = [
     "status",
     "metric_name",
     "metric",
+    "dev_metric",
+    "entry",
+    "selected",
     "trainable_params",
     "total_params",
     "train_seconds",
@@ -78,7 +82,9 @@ def new_record(cell: dict, *, config_hash: str, code: dict, method_info: list[di
         "method_info": method_info,
         "status": "failed",
         "error": None,
-        "metrics": {},
+        "metrics": {},  # on the eval split: what reports show
+        "dev_metrics": {},  # on the dev data: what selects among a sweep's points (harness.selection)
+        "predictions": None,  # per eval example, what the metrics read (compact_outputs): for paired comparisons
         "params": {},
         "measurements": {},
         "train": {},
@@ -86,6 +92,18 @@ def new_record(cell: dict, *, config_hash: str, code: dict, method_info: list[di
         "plan": None,  # a plan's (harness.plan): what it planned; a run's stays None
         "started_at": _timestamp(started),
     }
+
+
+def compact_outputs(outputs: dict) -> dict:
+    """What each metric reads per eval example (harness.train.predict's {reads: (a, b)}) as JSON lists: class ids,
+    answers and token counts as they are, real numbers to 7 significant digits (float32's precision)."""
+
+    def plain(values):
+        if values.dtype.kind == "f":
+            return [float(f"{v:.7g}") for v in values.tolist()]
+        return values.tolist()
+
+    return {reads: [plain(a), plain(b)] for reads, (a, b) in outputs.items()}
 
 
 def finish(record: dict, started: float) -> dict:
@@ -156,17 +174,21 @@ def to_row(record: dict) -> dict:
     cell = record["cell"]
     primary = cell["task"]["primary_metric"]
     metrics = record.get("metrics") or {}
+    dev = (record.get("dev_metrics") or {}).get(primary, {})
     params = record.get("params") or {}
     row = {
         "suite": cell["suite"],
         "task": cell["task"]["name"],
         "method": cell["label"],
+        "entry": cell.get("entry", cell["label"]),  # the method entry; a sweep's points share it
+        "point": json.dumps(cell.get("point", {})),  # the swept values of this point, {} when not swept
         "method_stack": "+".join(c["ref"] for c in cell["method"]),
         "seed": cell["seed"],
         "status": record["status"],
         "metric_name": primary,
         "metric": metrics.get(primary, {}).get("value"),
-        "higher_is_better": metrics.get(primary, {}).get("higher_is_better"),
+        "higher_is_better": metrics.get(primary, {}).get("higher_is_better", dev.get("higher_is_better")),
+        "dev_metric": dev.get("value"),
         "trainable_params": params.get("trainable"),
         "total_params": params.get("total"),
         "train_seconds": record.get("measurements", {}).get("train_seconds"),
@@ -180,6 +202,8 @@ def to_row(record: dict) -> dict:
     }
     for name, m in metrics.items():
         row[f"metric_{name}"] = m.get("value")
+    for key, value in cell.get("point", {}).items():
+        row[f"sweep_{key}"] = value if isinstance(value, (int, float, str)) else json.dumps(value)
     for key, value in (record.get("measurements") or {}).items():
         if not isinstance(value, (list, dict)):
             row.setdefault(key, value)
@@ -199,12 +223,13 @@ def stack_family(record: dict) -> str | None:
 
 
 def to_frame(records: list[dict]) -> pd.DataFrame:
-    """One row per record, with every core and memory column present (empty where not measured)."""
+    """One row per record, with every core and memory column present (empty where not measured), and the points
+    selection picks marked (`selected`, `grid_edge`: harness.selection)."""
     frame = pd.DataFrame([to_row(r) for r in records])
     for column in CORE_COLUMNS + MEMORY_COLUMNS:  # a figure the device did not give is empty, not absent
         if column not in frame.columns:
             frame[column] = None
-    return frame
+    return selection.mark(frame)
 
 
 def load(directory: str | Path, *, strict: bool = False) -> pd.DataFrame:

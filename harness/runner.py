@@ -31,7 +31,7 @@ def preflight(suite: Suite, data_dir: Path | None, device: str | None = "auto") 
     """Everything a user could have got wrong, checked before any training, for cells on `device` (None: a
     plan, which runs on no device)."""
     for task in suite.tasks:
-        data.load_split(task, task.train_split, data_dir)
+        data.train_and_dev(task, data_dir)
         data.load_split(task, task.eval_split, data_dir)
     for task in {task.modality: task for task in suite.tasks}.values():  # the preprocessor each kind of input needs
         try:

@@ -2,7 +2,8 @@
 
 Reads records only (through harness.results); knows nothing of methods or training.
 
-Per task and method, over seeds:
+Per task and method entry, over the seeds of the sweep point selected on dev data (harness.selection; an entry
+not swept is its own point):
 - metric: mean and sample standard deviation (ddof=1; none with one seed) of the
   primary metric over the seeds that finished ("ok");
 - cost figures (peak memory, activation bytes, memory breakdown, throughput,
@@ -20,15 +21,17 @@ max_memory_allocated, then NVML's peak, then the modelled peak (CPU runs); a
 plan's (harness.plan) is its modelled peak, labelled "planned".
 """
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from harness import pareto, results
+from harness import pareto, results, selection
 from harness.errors import UserError
 from harness.formatting import is_missing
+from harness.significance import paired_comparison
 
 # (column, label) in order of preference; the label says where a peak figure came from.
 PEAK_SOURCES = [
@@ -61,6 +64,8 @@ class Summary:
     per_task: pd.DataFrame  # one row per (task, method)
     overall: pd.DataFrame  # one row per method, across tasks; empty with a single task or no average
     average_note: str | None  # why there is no across-task average, when there is none
+    sweeps: pd.DataFrame  # one row per point of each swept entry and task: its mean dev score, and if selected
+    paired: pd.DataFrame  # per task and method: difference from the best, 95% paired bootstrap (significance)
     header: dict  # what was run: suite, backbone, device, versions, commit, dates
     broken: list  # (path, why) of files that are not readable records
 
@@ -94,9 +99,13 @@ def summarize(directory: str | Path) -> Summary:
             "report one suite's folder, e.g. results/<suite>",
         )
     cells = prepare_cells(results.to_frame(found.records))
-    per_task = aggregate_tasks(cells)
-    overall, note = aggregate_overall(per_task, cells)
-    return Summary(cells, per_task, overall, note, describe_run(found.records), found.broken)
+    chosen = selected_points(cells)
+    per_task = aggregate_tasks(chosen)
+    overall, note = aggregate_overall(per_task, chosen)
+    paired = paired_comparison(chosen, {r["_path"]: r for r in found.records})
+    return Summary(
+        cells, per_task, overall, note, aggregate_sweeps(cells), paired, describe_run(found.records), found.broken
+    )
 
 
 def prepare_cells(frame: pd.DataFrame) -> pd.DataFrame:
@@ -113,6 +122,58 @@ def prepare_cells(frame: pd.DataFrame) -> pd.DataFrame:
     numeric = ["metric", "activation_bytes", "trainable_params", "total_params", "train_samples_per_s", "train_seconds"]
     frame[numeric] = frame[numeric].apply(pd.to_numeric, errors="coerce")
     return frame
+
+
+def selected_points(cells: pd.DataFrame) -> pd.DataFrame:
+    """The cells of each entry's selected point (harness.selection), named by their entry: what the main tables
+    show. `point_label` keeps the cell's own label (`lora@lr=0.001`). An entry with no point selected (no dev
+    scores to select by: plans, `evaluate: false`) shows every point, under its own label."""
+    selected = cells["selected"].astype(bool)
+    undecided = ~selected.groupby([cells[c] for c in selection.GROUP], dropna=False).transform("any")
+    chosen = cells[selected | undecided].copy()
+    chosen["point_label"] = chosen["method"]
+    chosen.loc[selected[selected | undecided], "method"] = chosen.loc[selected[selected | undecided], "entry"]
+    return chosen
+
+
+def aggregate_sweeps(cells: pd.DataFrame) -> pd.DataFrame:
+    """Per task, swept entry and point: the mean and std of the dev score over the seeds that finished, their
+    number, the point's values and whether selection chose it."""
+    rows = []
+    for (task, entry), group in cells.groupby(["task", "entry"], sort=False):
+        if group["method"].nunique() < 2:
+            continue
+        for label, point in group.groupby("method", sort=True):
+            ok = point[(point["status"] == "ok")]
+            rows.append(
+                {
+                    "task": task,
+                    "entry": entry,
+                    "point_label": label,
+                    "point": json.loads(point["point"].iloc[0]),
+                    "metric_name": point["metric_name"].iloc[0],
+                    "dev_mean": pd.to_numeric(ok["dev_metric"], errors="coerce").mean() if len(ok) else np.nan,
+                    "dev_std": _std(pd.to_numeric(ok["dev_metric"], errors="coerce")),
+                    "seeds_ok": len(ok),
+                    "selected": bool(point["selected"].any()),
+                    "grid_edge": point["grid_edge"].iloc[0],
+                }
+            )
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "task",
+            "entry",
+            "point_label",
+            "point",
+            "metric_name",
+            "dev_mean",
+            "dev_std",
+            "seeds_ok",
+            "selected",
+            "grid_edge",
+        ],
+    )
 
 
 def status_text(statuses) -> str:
@@ -139,6 +200,8 @@ def aggregate_tasks(cells: pd.DataFrame) -> pd.DataFrame:
             "family": group["family"].iloc[0],
             "method_stack": group["method_stack"].iloc[0],
             "status": status_text(group["status"]),
+            "chosen": group["point_label"].iloc[0].partition("@")[2],  # the sweep point selected on dev data
+            "grid_edge": group["grid_edge"].iloc[0],
             "seeds": len(group),
             "seeds_ok": len(ok),
             "metric_name": group["metric_name"].iloc[0],

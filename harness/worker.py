@@ -91,9 +91,12 @@ def provenance(cell: Cell) -> dict:
 
 
 def loaders(cell: Cell, data_dir: Path | None, preprocessor):
-    """(train frame, train loader, eval loader): the cell's data as it trains on it, shuffled by its seed."""
+    """(train frame, train loader, dev loader, eval loader): the cell's data as it trains on it, shuffled by its
+    seed, and the held-out dev and eval data it is scored on."""
     task, settings = cell.task, cell.train
-    train_frame = data.subset(data.load_split(task, task.train_split, data_dir), settings.max_train_samples)
+    train_frame, dev_frame = data.train_and_dev(task, data_dir)
+    train_frame = data.subset(train_frame, settings.max_train_samples)
+    dev_frame = data.subset(dev_frame, settings.max_eval_samples)  # the cap on each held-out set scored
     eval_frame = data.subset(data.load_split(task, task.eval_split, data_dir), settings.max_eval_samples)
     train_loader = torch.utils.data.DataLoader(
         data.examples(task, train_frame, preprocessor, settings.max_seq_length),
@@ -103,12 +106,17 @@ def loaders(cell: Cell, data_dir: Path | None, preprocessor):
         collate_fn=data.make_collate(task, preprocessor, settings.padding, settings.max_seq_length),
         drop_last=len(train_frame) > settings.batch_size,
     )
-    eval_loader = torch.utils.data.DataLoader(
-        data.examples(task, eval_frame, preprocessor, settings.max_seq_length),
-        batch_size=settings.eval_batch_size,
-        collate_fn=data.make_collate(task, preprocessor, settings.padding, settings.max_seq_length, evaluation=True),
+    dev_loader, eval_loader = (
+        torch.utils.data.DataLoader(
+            data.examples(task, frame, preprocessor, settings.max_seq_length),
+            batch_size=settings.eval_batch_size,
+            collate_fn=data.make_collate(
+                task, preprocessor, settings.padding, settings.max_seq_length, evaluation=True
+            ),
+        )
+        for frame in (dev_frame, eval_frame)
     )
-    return train_frame, train_loader, eval_loader
+    return train_frame, train_loader, dev_loader, eval_loader
 
 
 def run_cell(
@@ -125,7 +133,7 @@ def run_cell(
     try:
         seed_everything(cell.seed)
         preprocessor = backbone.load_preprocessor(cell.backbone, task)
-        train_frame, train_loader, eval_loader = loaders(cell, data_dir, preprocessor)
+        train_frame, train_loader, dev_loader, eval_loader = loaders(cell, data_dir, preprocessor)
         model, declared, groups, value_dependent = build(cell, total_steps(settings, len(train_loader)), device)
         model.to(device)
         record["params"] = {
@@ -153,17 +161,16 @@ def run_cell(
             "final_loss": losses[-1],
             "losses": losses,
             "train_examples": len(train_frame),
+            "dev_examples": len(dev_loader.dataset),
         }
-        if settings.evaluate:
+        if settings.evaluate:  # dev scores select among a sweep's points (harness.selection); eval scores report
+            with meter.phase("dev"):
+                outputs, _ = predict(model, dev_loader, task, device, settings.precision, progress, preprocessor)
+            record["dev_metrics"] = scores(task, outputs)
             with meter.phase("eval"):
                 outputs, n = predict(model, eval_loader, task, device, settings.precision, progress, preprocessor)
-            record["metrics"] = {
-                name: {
-                    "value": METRICS[name](*outputs[METRICS[name].reads]),
-                    "higher_is_better": METRICS[name].higher_is_better,
-                }
-                for name in task.metrics
-            }
+            record["metrics"] = scores(task, outputs)
+            record["predictions"] = results.compact_outputs(outputs)
         record["status"] = "ok"
     except Diverged as exc:
         record.update(status="diverged", error=error_record(exc))
@@ -176,6 +183,17 @@ def run_cell(
                 record["measurements"]["eval_samples_per_s"] = n / record["measurements"]["eval_seconds"]
         results.finish(record, started)
     return record
+
+
+def scores(task, outputs: dict) -> dict:
+    """Each of the task's metrics on what `predict` returned."""
+    return {
+        name: {
+            "value": METRICS[name](*outputs[METRICS[name].reads]),
+            "higher_is_better": METRICS[name].higher_is_better,
+        }
+        for name in task.metrics
+    }
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -21,6 +21,49 @@ GOOD_LM = "methods: [{method: lora}]"  # a method that trains a causal LM (a lin
 
 # (id, suite text, extra files {name: content}, words the one-line message must contain)
 CASES = [
+    (
+        "sweep-unknown-key",
+        "tasks: [sst2]\nmethods: [{method: lora, sweep: {rank: [4, 8]}}]",
+        {},
+        ["methods[0].sweep.rank", "unknown key"],
+    ),
+    ("sweep-empty", "tasks: [sst2]\nmethods: [{method: lora, sweep: {lr: []}}]", {}, ["sweep.lr", "non-empty list"]),
+    ("sweep-not-a-list", "tasks: [sst2]\nmethods: [{method: lora, sweep: {r: 8}}]", {}, ["sweep.r", "list"]),
+    ("sweep-bad-point", "tasks: [sst2]\nmethods: [{method: lora, sweep: {r: [4, 0]}}]", {}, ["at r=0", "at least 1"]),
+    (
+        "sweep-and-set",
+        "tasks: [sst2]\nmethods: [{method: lora, lr: 1.0e-3, sweep: {lr: [1.0e-4, 1.0e-3]}}]",
+        {},
+        ["sweep.lr", "both set in the entry and swept"],
+    ),
+    (
+        "sweep-repeats",
+        "tasks: [sst2]\nmethods: [{method: lora, sweep: {lr: [1.0e-4, 1.0e-4]}}]",
+        {},
+        ["sweep.lr", "twice"],
+    ),
+    (
+        "sweep-stack-ambiguous",
+        "tasks: [sst2]\nmethods: [{stack: [{method: lora}, {method: dora}], sweep: {r: [4, 8]}}]",
+        {},
+        ["sweep.r", "lora and dora", "cannot say which"],
+    ),
+    ("dev-size-all", f"tasks: [{{task: sst2, dev_size: 6}}]\n{GOOD_METHOD}", {}, ["dev_size", "leave none"]),
+    ("dev-size-more", f"tasks: [{{task: sst2, dev_size: 60}}]\n{GOOD_METHOD}", {}, ["60 dev examples", "out of 6"]),
+    ("dev-size-zero", f"tasks: [{{task: sst2, dev_size: 0}}]\n{GOOD_METHOD}", {}, ["dev_size", "positive integer"]),
+    ("dev-split-missing", f"tasks: [{{task: sst2, dev_split: dev}}]\n{GOOD_METHOD}", {}, ["no dev split under"]),
+    (
+        "dev-split-is-eval",
+        f"tasks: [{{task: sst2, dev_split: validation}}]\n{GOOD_METHOD}",
+        {},
+        ["dev_split", "eval split", "held out"],
+    ),
+    (
+        "dev-size-and-split",
+        f"tasks: [{{task: sst2, dev_split: dev, dev_size: 2}}]\n{GOOD_METHOD}",
+        {},
+        ["dev_split or dev_size, not both"],
+    ),
     ("yaml-syntax", "tasks: [sst2\nmethods: [full]", {}, ["YAML syntax error", ":"]),
     ("not-a-mapping", "- sst2\n- full", {}, ["must be a YAML mapping"]),
     ("unknown-top-key", f"tasks: [sst2]\nmethds: [full]\n{GOOD_METHOD}", {}, ["methds", "did you mean 'methods'"]),

@@ -1,7 +1,10 @@
 """Suite files: settings resolve in a fixed order, and a cell's identity follows its settings."""
 
+import pytest
+
 from harness.config import load_suite
 from harness.method import registry
+from tests.conftest import ROOT
 
 
 def test_settings_resolve_suite_then_task_then_method(tmp_path):
@@ -46,3 +49,8 @@ def test_cells_carry_every_hyperparameter_so_a_changed_default_reruns(tmp_path, 
     monkeypatch.setattr(lora, "defaults", {**lora.defaults, "alpha": lora.defaults["alpha"] * 2})
     (changed,) = load_suite(path).cells()
     assert changed.config_hash() != cell.config_hash()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "suites").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_suite_loads(path):
+    assert load_suite(path).cells()

@@ -154,8 +154,9 @@ def test_recorded_metrics_are_those_of_the_predictions(tiny_suite, data_dir, mon
     monkeypatch.setattr(worker, "predict", keep)
     records = {cell.task.name: worker.run_cell(cell, data_dir, "cpu", progress=False) for cell in cells}
     assert [r["status"] for r in records.values()] == ["ok", "ok"], [r.get("error") for r in records.values()]
-    (sst2, n), (stsb, _) = outputs
+    _, (sst2, n), _, (stsb, _) = outputs  # each cell scores its dev data, then the eval split
     (sst2_pred, sst2_ref), (stsb_pred, stsb_ref) = sst2["predictions"], stsb["predictions"]
+    assert records["sst2"]["predictions"]["predictions"] == [sst2_pred.tolist(), sst2_ref.tolist()]
 
     labels = pd.read_parquet(data_dir / "glue" / "sst2" / "validation.parquet")["label"].to_numpy()
     assert n == len(labels) and np.array_equal(sst2_ref, labels)

@@ -31,6 +31,8 @@ TASK_KEYS = {
     "primary_metric",
     "train_split",
     "eval_split",
+    "dev_split",
+    "dev_size",
     "prompt",
     "target",
     "verbalizer",
@@ -53,6 +55,10 @@ class TaskSpec:
     hub: tuple[str, ...] | None = None  # (dataset id[, config name])
     train_split: str = "train"
     eval_split: str = "validation"
+    # Held-out data for selecting among a sweep's points (harness.selection), never the eval split: a split the
+    # task names, or dev_size examples carved from the training split (harness.data.train_and_dev; None: a default)
+    dev_split: str | None = None
+    dev_size: int | None = None
     image_column: str | None = None  # an image task's input: file paths, or image bytes as `datasets` stores them
     sklearn: str | None = None  # a scikit-learn loader whose offline data the task reads (harness.data.SKLEARN)
     # causal_lm tasks (harness.causal_lm): templates over the columns; the loss covers the target's tokens only
@@ -163,11 +169,20 @@ class TaskSpec:
             raise UserError(
                 where, f"task '{name}' says nowhere to read its data", "give data_files, local, hub or sklearn"
             )
-        keys = ("description", "local", "label_column", "train_split", "eval_split", "image_column", "sklearn")
+        keys = (
+            "description",
+            "local",
+            "label_column",
+            "train_split",
+            "eval_split",
+            "image_column",
+            "sklearn",
+        )
         strings = {k: raw[k] for k in keys if k in raw}
         for key, value in strings.items():
             if not isinstance(value, str):
                 raise UserError(f"{where}.{key}", "must be a string", f"quote the value of {key}")
+        held_out = check_dev(raw, where, strings.get("train_split", "train"), strings.get("eval_split", "validation"))
         generation = _causal_lm_fields(raw, where) if task_type == "causal_lm" else {}
         for key in ("prompt", "target", "verbalizer", "answer_pattern"):
             if key in raw and not generation:
@@ -205,8 +220,37 @@ class TaskSpec:
             data_files=data_files,
             hub=hub,
             **strings,
+            **held_out,
             **generation,
         )
+
+
+def check_dev(raw: dict, where: str, train_split: str, eval_split: str) -> dict:
+    """A task's dev data as declared (`dev_split: NAME` or `dev_size: N`, at most one), checked: {} when neither is
+    given. Whether the data holds the split, or enough training examples, is checked once it is read
+    (harness.data.train_and_dev, before any training)."""
+    if "dev_split" in raw and "dev_size" in raw:
+        raise UserError(
+            where, "give dev_split or dev_size, not both", "a named split, or N examples of the training data"
+        )
+    if "dev_split" in raw:
+        split = raw["dev_split"]
+        if not isinstance(split, str) or not split:
+            raise UserError(f"{where}.dev_split", "must be a split name", "e.g. dev_split: validation")
+        if split in (train_split, eval_split):
+            role = "training" if split == train_split else "eval"
+            raise UserError(
+                f"{where}.dev_split",
+                f"'{split}' is the task's {role} split; dev data must be held out from both",
+                "name another split, or use dev_size: N to carve it from the training data",
+            )
+        return {"dev_split": split}
+    if "dev_size" in raw:
+        size = raw["dev_size"]
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise UserError(f"{where}.dev_size", f"must be a positive integer, got {size!r}", "e.g. dev_size: 500")
+        return {"dev_size": size}
+    return {}
 
 
 def template_fields(template: str, where: str) -> tuple[str, ...]:
