@@ -129,9 +129,10 @@ def accumulate(model, scaler, batch, settings: TrainSettings, device, meter: Met
 
 
 @torch.no_grad()
-def predict(model, loader, task, device, precision: str, progress=True, tokenizer=None) -> tuple[dict, int]:
+def predict(model, loader, task, device, precision: str, progress=True, tokenizer=None, scale=None) -> tuple[dict, int]:
     """What each of the task's metrics reads (harness.metrics.READS -> (predictions, references)) over the
-    whole loader, and the number of examples. A causal_lm task's need the tokenizer (to decode generations)."""
+    whole loader, and the number of examples. A causal_lm task's need the tokenizer (to decode generations); a
+    regression task's predictions are mapped back by the scale its training targets were standardised by."""
     model.eval()
     if task.is_causal_lm:
         return _predict_causal_lm(model, loader, task, device, precision, progress, tokenizer)
@@ -141,7 +142,10 @@ def predict(model, loader, task, device, precision: str, progress=True, tokenize
         labels = batch.pop("labels")
         with autocast(device, precision):
             logits = model(**batch).logits.float()
-        predictions.append(logits.squeeze(-1) if task.is_regression else logits.argmax(-1))
+        if task.is_regression:
+            predictions.append(logits.squeeze(-1) if scale is None else scale.restore(logits.squeeze(-1)))
+        else:
+            predictions.append(logits.argmax(-1))
         references.append(labels)
     predictions = torch.cat(predictions).cpu().numpy()
     return {"predictions": (predictions, torch.cat(references).cpu().numpy())}, len(predictions)

@@ -7,6 +7,7 @@ one cell, not the suite. Every outcome the process lives to see (ok, failed, oom
 diverged) is written as a record with the figures known up to then.
 """
 
+import dataclasses
 import gc
 import os
 import random
@@ -99,7 +100,7 @@ def loaders(cell: Cell, data_dir: Path | None, preprocessor):
     dev_frame = data.subset(dev_frame, settings.max_eval_samples)  # the cap on each held-out set scored
     eval_frame = data.subset(data.load_split(task, task.eval_split, data_dir), settings.max_eval_samples)
     train_loader = torch.utils.data.DataLoader(
-        data.examples(task, train_frame, preprocessor, settings.max_seq_length),
+        data.examples(task, train_frame, preprocessor, settings.max_seq_length, data.TargetScale.of(task, train_frame)),
         batch_size=settings.batch_size,
         shuffle=True,
         generator=torch.Generator().manual_seed(cell.seed),
@@ -163,12 +164,17 @@ def run_cell(
             "train_examples": len(train_frame),
             "dev_examples": len(dev_loader.dataset),
         }
+        scale = data.TargetScale.of(task, train_frame)  # what the training targets were standardised by
+        if scale is not None:
+            record["train"]["target_scale"] = dataclasses.asdict(scale)
         if settings.evaluate:  # dev scores select among a sweep's points (harness.selection); eval scores report
             with meter.phase("dev"):
-                outputs, _ = predict(model, dev_loader, task, device, settings.precision, progress, preprocessor)
+                outputs, _ = predict(model, dev_loader, task, device, settings.precision, progress, preprocessor, scale)
             record["dev_metrics"] = scores(task, outputs)
             with meter.phase("eval"):
-                outputs, n = predict(model, eval_loader, task, device, settings.precision, progress, preprocessor)
+                outputs, n = predict(
+                    model, eval_loader, task, device, settings.precision, progress, preprocessor, scale
+                )
             record["metrics"] = scores(task, outputs)
             record["predictions"] = results.compact_outputs(outputs)
         record["status"] = "ok"

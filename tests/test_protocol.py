@@ -215,3 +215,19 @@ def test_the_tables_show_an_entry_at_its_selected_point_or_every_point_when_none
         ("lora@lr=0.0001", "lora@lr=0.0001"),  # a plan, or evaluate: false: no dev score to select by
         ("lora@lr=0.001", "lora@lr=0.001"),
     ]
+
+
+def test_regression_targets_are_learned_standardised_by_the_training_examples(data_dir):
+    from transformers import AutoTokenizer
+
+    from harness import backbone
+
+    task = BUILTIN_TASKS["stsb"]
+    train, dev = data.train_and_dev(task, data_dir)
+    scale = data.TargetScale.of(task, train)
+    assert scale.mean == pytest.approx(train["label"].mean()) and scale.std == pytest.approx(train["label"].std(ddof=0))
+    tokenizer = AutoTokenizer.from_pretrained(backbone.resolve(backbone.Backbone()))
+    learned = data.examples(task, train, tokenizer, 32, scale).labels
+    assert abs(learned.mean()) < 1e-5 and learned.std() == pytest.approx(1.0, abs=1e-5)
+    assert np.allclose(data.examples(task, dev, tokenizer, 32).labels, dev["label"])  # scored as they are
+    assert data.TargetScale.of(BUILTIN_TASKS["sst2"], train) is None  # classification labels stay class ids

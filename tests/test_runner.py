@@ -172,6 +172,9 @@ def test_recorded_metrics_are_those_of_the_predictions(tiny_suite, data_dir, mon
 
     metrics = records["stsb"]["metrics"]
     assert np.std(stsb_pred) > 0, "a constant prediction would make both correlations 0 and prove nothing"
+    # trained on standardised targets, predicting in the targets' own units (a fresh head outputs about 0)
+    scale = records["stsb"]["train"]["target_scale"]
+    assert scale["std"] > 0 and abs(stsb_pred.mean() - scale["mean"]) < scale["std"]
     assert metrics["pearson"]["value"] == pytest.approx(
         pearson(stsb_pred.astype(float), scores.astype(float)), abs=1e-6
     )
