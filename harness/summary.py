@@ -130,9 +130,10 @@ def selected_points(cells: pd.DataFrame) -> pd.DataFrame:
     scores to select by: plans, `evaluate: false`) shows every point, under its own label."""
     selected = cells["selected"].astype(bool)
     undecided = ~selected.groupby([cells[c] for c in selection.GROUP], dropna=False).transform("any")
-    chosen = cells[selected | undecided].copy()
+    shown = selected | undecided
+    chosen = cells[shown].copy()
     chosen["point_label"] = chosen["method"]
-    chosen.loc[selected[selected | undecided], "method"] = chosen.loc[selected[selected | undecided], "entry"]
+    chosen["method"] = chosen["method"].where(~selected[shown], chosen["entry"])
     return chosen
 
 
