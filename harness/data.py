@@ -349,8 +349,8 @@ class TargetScale:
     """A regression task's targets are learned standardised, by the mean and standard deviation of the cell's
     training examples, and its predictions mapped back before any metric reads them. A fresh head outputs about
     0: on STS-B's 0-5 scale (mean 2.7) it would spend its first steps moving its output to the targets' mean, and
-    with a PETL method's few trainable weights at a modest learning rate that can be the whole budget (LoRA at
-    lr 1e-3 on 2,000 examples, one epoch: Pearson 0.19 on raw targets, 0.76 standardised; docs/findings.md)."""
+    with a PETL method's few trainable weights at a modest learning rate that can be the whole budget (measured on
+    STS-B in docs/findings.md)."""
 
     mean: float
     std: float

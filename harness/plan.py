@@ -60,8 +60,8 @@ def fake_tensors():
     And fake weights take no values: torch's truncated-normal initialiser, which redraws the samples outside its
     bounds until none is left (a test of values), leaves them as they are, as it does meta tensors.
     And a copy of a fake tensor stays in this mode: torch's Tensor.__deepcopy__ deep-copies a subclass's __dict__,
-    and a fake tensor's holds its mode, so each copy.deepcopy of a module (peft's LN tuning copies every norm,
-    LST its side network's) made a new mode by copying this one with all it refers to; freeing those copies
+    and a fake tensor's holds its mode, so each copy.deepcopy of a module (methods copy norms, side networks and
+    heads) made a new mode by copying this one with all it refers to; freeing those copies
     crashed planning processes now and then (SIGSEGV, SIGABRT)."""
     swap = torch.utils.swap_tensors
 
@@ -86,7 +86,7 @@ def fake_tensors():
 class LargeFactoriesFake(TorchDispatchMode):
     """During a plan's step, a tensor made from no tensor (torch.eye, zeros, full, arange...) above
     LARGEST_REAL_FACTORY_BYTES is made fake. The step runs outside the fake mode so that what a method computes
-    from its inputs is real, which also makes such tensors real: peft's DoRA builds its low-rank update by passing
+    from its inputs is real, which also makes such tensors real: a method may build its low-rank update by passing
     an identity of each layer's input width through the adapter, and at Llama-3.1-8B shape the 14,336-wide
     identity (822 MB, and its bf16 copy under autocast) took most of a minute per step to fill and cast, only to
     meet fake weights. Its shape, dtype and device are unchanged, so is every figure; a tensor that large made from

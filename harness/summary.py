@@ -126,7 +126,7 @@ def prepare_cells(frame: pd.DataFrame) -> pd.DataFrame:
 
 def selected_points(cells: pd.DataFrame) -> pd.DataFrame:
     """The cells of each entry's selected point (harness.selection), named by their entry: what the main tables
-    show. `point_label` keeps the cell's own label (`lora@lr=0.001`). An entry with no point selected (no dev
+    show. `point_label` keeps the cell's own label (`LABEL@lr=0.001`). An entry with no point selected (no dev
     scores to select by: plans, `evaluate: false`) shows every point, under its own label."""
     selected = cells["selected"].astype(bool)
     undecided = ~selected.groupby([cells[c] for c in selection.GROUP], dropna=False).transform("any")
