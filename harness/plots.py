@@ -363,10 +363,14 @@ def sweep_panel(ax, task: str, entry: str, key: str, points: pd.DataFrame) -> No
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     order = sorted(set(values)) if numeric else list(dict.fromkeys(map(str, values)))
     position = {v: (v if numeric else i) for i, v in enumerate(order)}
+
+    def x(point: dict):
+        return position[point[key] if numeric else str(point[key])]
+
     others = [tuple((k, str(v)) for k, v in p.items() if k != key) for p in points["point"]]
     for rest in dict.fromkeys(others):
         line = points[[o == rest for o in others]]
-        xs = [position[p[key] if numeric else str(p[key])] for p in line["point"]]
+        xs = [x(p) for p in line["point"]]
         order_in_line = np.argsort(xs)
         label = ", ".join(f"{k}={v}" for k, v in rest) or None
         ax.errorbar(
@@ -380,7 +384,7 @@ def sweep_panel(ax, task: str, entry: str, key: str, points: pd.DataFrame) -> No
         )
     chosen = points[points["selected"]]
     for p, y in zip(chosen["point"], chosen["dev_mean"]):
-        ax.scatter([position[p[key] if numeric else str(p[key])]], [y], s=120, facecolors="none", edgecolors="black")
+        ax.scatter([x(p)], [y], s=120, facecolors="none", edgecolors="black")
     if numeric and min(order) > 0 and max(order) / min(order) >= 10:
         ax.set_xscale("log")
     if not numeric:
