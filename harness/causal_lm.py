@@ -94,6 +94,9 @@ class Examples(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.items)
 
+    def lengths(self) -> list[int]:
+        return [len(it["prompt"]) + len(it["target"]) for it in self.items]
+
     def __getitem__(self, i):
         return self.items[i]
 

@@ -38,6 +38,8 @@ class TrainSettings:
     # "dynamic" (longest in batch), "max_length", or "fill": every sequence max_length real tokens, the text followed
     # by random ones (random-weight backbones only: memory and speed at a fixed length)
     padding: str = "dynamic"
+    # text: each batch draws examples of similar length (less padding to pay for), batches in shuffled order
+    group_by_length: bool = False
     warmup_ratio: float = 0.06  # fraction of steps of linear warm-up, then linear decay to 0
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
@@ -556,6 +558,13 @@ def load_suite(path: str | Path) -> Suite:
             f"fill ({filled.entry.label} on {filled.task.name}) appends random tokens to the text, which would change "
             "a pretrained model's input",
             "use fill with backbone: {config: ..., weights: random}, or padding: max_length",
+        )
+    grouped = next((c for c in cells if c.train.group_by_length and c.task.image_column), None)
+    if grouped is not None:
+        raise UserError(
+            f"{where}.train.group_by_length",
+            f"{grouped.task.name} is an image task: its examples have no length to group by",
+            "drop group_by_length for image tasks (set it per task under the task's train:)",
         )
     if backbone.dtype != "fp32":  # trainable fp32 parameters meet the frozen weights through autocast
         needed = backbones.PRECISION[backbone.dtype]

@@ -99,13 +99,20 @@ def loaders(cell: Cell, data_dir: Path | None, preprocessor):
     train_frame = data.subset(train_frame, settings.max_train_samples)
     dev_frame = data.subset(dev_frame, settings.max_eval_samples)  # the cap on each held-out set scored
     eval_frame = data.subset(data.load_split(task, task.eval_split, data_dir), settings.max_eval_samples)
+    train_examples = data.examples(
+        task, train_frame, preprocessor, settings.max_seq_length, data.TargetScale.of(task, train_frame)
+    )
+    order = torch.Generator().manual_seed(cell.seed)
+    drop_last = len(train_frame) > settings.batch_size
+    if settings.group_by_length:
+        grouped = data.LengthGroupedBatches(train_examples.lengths(), settings.batch_size, order, drop_last)
+        batching = {"batch_sampler": grouped}
+    else:
+        batching = {"batch_size": settings.batch_size, "shuffle": True, "generator": order, "drop_last": drop_last}
     train_loader = torch.utils.data.DataLoader(
-        data.examples(task, train_frame, preprocessor, settings.max_seq_length, data.TargetScale.of(task, train_frame)),
-        batch_size=settings.batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(cell.seed),
+        train_examples,
         collate_fn=data.make_collate(task, preprocessor, settings.padding, settings.max_seq_length),
-        drop_last=len(train_frame) > settings.batch_size,
+        **batching,
     )
     dev_loader, eval_loader = (
         torch.utils.data.DataLoader(
