@@ -13,11 +13,14 @@ from harness.formatting import markdown_cell
 
 
 def _cmd_run(args) -> int:
-    from harness import config, runner
+    from harness import config, executors, runner
 
     suite = config.load_suite(args.suite)
     out_dir = Path(args.out) if args.out else Path("results") / suite.name
-    records = runner.run_suite(suite, out_dir, args.data_dir, args.device, args.fresh, args.max_train_samples)
+    executor = executors.Local(args.device, args.jobs)
+    records = runner.run_suite(
+        suite, out_dir, args.data_dir, args.device, args.fresh, args.max_train_samples, executor=executor
+    )
     tally, finished = _tally(records)
     print(f"{suite.name}: {len(records)} cells ({tally}); results in {out_dir}")
     if not args.no_report:
@@ -26,7 +29,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_plan(args) -> int:
-    from harness import config, runner
+    from harness import config, executors, runner
 
     suite = config.load_suite(args.suite)
     name = f"{suite.name}-plan" + (f"-{Path(args.backbone).name}" if args.backbone else "")
@@ -37,7 +40,13 @@ def _cmd_plan(args) -> int:
     out_dir = Path(args.out) if args.out else Path("results") / name
     overrides = {"padding": "fill", "max_seq_length": args.length} if args.length else None
     records = runner.run_suite(
-        suite, out_dir, args.data_dir, fresh=True, planning={"budgets": args.budget or []}, overrides=overrides
+        suite,
+        out_dir,
+        args.data_dir,
+        fresh=True,
+        planning={"budgets": args.budget or []},
+        overrides=overrides,
+        executor=executors.Local("cpu", args.jobs),
     )
     tally, finished = _tally(records)
     print(f"{suite.name}: {len(records)} cells planned ({tally}); plans in {out_dir}")
@@ -188,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-train-samples", type=_positive_int, help="cap every task's train set (overrides the suite)")
     run.add_argument("--fresh", action="store_true", help="rerun cells that already have a result")
     run.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=1,
+        help="cells at once on this machine: each on its own GPU, or an equal share of the CPU cores (default: 1)",
+    )
+    run.add_argument(
         "--no-report", action="store_true", help="do not write the report (reports/<suite name>) at the end"
     )
     run.set_defaults(func=_cmd_run)
@@ -219,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--backbone",
         metavar="MODEL",
         help="plan the suite on another model: a shipped config (e.g. llama-3.1-8b), a folder or a hub id",
+    )
+    planner.add_argument(
+        "--jobs", type=_positive_int, default=1, help="cells planned at once, each on an equal share of the CPU cores"
     )
     planner.add_argument("--no-report", action="store_true", help="do not write the report (reports/<suite>-plan)")
     planner.set_defaults(func=_cmd_plan)

@@ -1,4 +1,5 @@
-"""Run a suite: check everything first, then each cell in a fresh worker process.
+"""Run a suite: check everything first, then hand the cells that need running to an executor
+(harness.executors), which runs each in a fresh worker process.
 
 The runner knows cells, not methods. A cell whose record is already final with
 the same resolved config is skipped; `fresh` reruns everything. Only one run at
@@ -7,16 +8,14 @@ a time may use a results directory (a lock file, kept outside it, says who holds
 
 import fcntl
 import hashlib
-import multiprocessing
 import os
 import signal
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from harness import anatomy, backbone, code_version, data, results, worker
+from harness import anatomy, backbone, code_version, data, executors, results, worker
 from harness.config import Cell, Suite
 from harness.errors import UserError
 from harness.formatting import format_bytes
@@ -162,69 +161,6 @@ def _terminate_as_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _worker_context():
-    """Fresh processes forked from a server that imported the heavy libraries once."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(worker.PRELOAD)
-    return ctx
-
-
-def run_cell_process(
-    cell: Cell, path: Path, data_dir: Path | None, device: str, known: dict, planning: dict | None = None
-) -> dict:
-    """One worker process; records the outcomes the worker cannot (killed, timed out, interrupted).
-    `known` is the cell's provenance (worker.provenance), computed once, when the runner decided to run it.
-    With `planning` ({"budgets": [bytes, ...]}) the process plans the cell (harness.plan) instead of running it."""
-    job = {
-        "cell": cell.to_dict(),
-        "provenance": known,
-        "planning": planning,
-        "device": device,
-        "progress": sys.stderr.isatty(),
-        "data_dir": str(data_dir) if data_dir else None,
-    }
-    started = time.time()
-    proc = _worker_context().Process(target=worker.run_job, args=(job, str(path)), name=f"cell {cell.key}")
-    proc.start()
-    status, message = None, None
-    try:
-        proc.join(timeout=cell.train.time_limit_s)
-        if proc.exitcode is None:
-            proc.kill()
-            proc.join()
-            status, message = "timeout", f"exceeded time_limit_s={cell.train.time_limit_s}"
-    except KeyboardInterrupt:
-        if proc.exitcode is None:
-            os.kill(proc.pid, signal.SIGINT)
-            proc.join(timeout=10)
-            if proc.exitcode is None:
-                proc.kill()
-                proc.join()
-        _write_outcome(cell, path, known, "interrupted", "stopped by the user (Ctrl-C or SIGTERM)", started)
-        raise
-    if status is None and proc.exitcode != 0:
-        killed = signal.Signals(-proc.exitcode).name if proc.exitcode < 0 else None
-        # SIGKILL is also how the host's OOM killer ends a process, but a user's kill -9 looks
-        # the same: record it as failed (retried on rerun) and say both.
-        status = "failed"
-        message = (
-            f"worker killed by {killed}"
-            + (" (the host's out-of-memory killer sends this)" if killed == "SIGKILL" else "")
-            if killed
-            else f"worker exited with status {proc.exitcode}"
-        )
-    if status is not None:
-        return _write_outcome(cell, path, known, status, message, started)
-    return results.read_record(path)
-
-
-def _write_outcome(cell: Cell, path: Path, known: dict, status: str, message: str, started: float) -> dict:
-    record = results.new_record(cell.to_dict(), **known, started=started)
-    record.update(status=status, error={"type": status, "message": message})
-    results.write_atomic(path, results.finish(record, started))
-    return record
-
-
 def log_line(text: str) -> None:
     print(text, flush=True)  # progress must show up at once, also when stdout is a file
 
@@ -255,6 +191,48 @@ def summarize(record: dict) -> str:
     )
 
 
+class Progress:
+    """One line per cell started or ended, the grid's state on the ending ones: cells done, running and left,
+    time elapsed, and the time left estimated from the cells this run has finished so far."""
+
+    def __init__(self, cells: list[Cell], capacity: int, log):
+        self.number = {cell.key: i for i, cell in enumerate(cells, 1)}
+        self.total, self.capacity, self.log = len(cells), capacity, log
+        self.done, self.running, self.durations, self.began = 0, {}, [], time.time()
+
+    def head(self, cell: Cell) -> str:
+        return f"[{self.number[cell.key]}/{self.total}] {cell.task.name} / {cell.entry.label} / seed {cell.seed}"
+
+    def settled(self, cell: Cell, text: str) -> None:
+        """A cell that needs no process: already done, or refused before training."""
+        self.done += 1
+        self.log(f"{self.head(cell)}: {text}")
+
+    def start(self, cell: Cell) -> None:
+        self.running[cell.key] = time.time()
+        self.log(f"{self.head(cell)} ...")
+
+    def end(self, cell: Cell, record: dict) -> None:
+        self.durations.append(time.time() - self.running.pop(cell.key))
+        self.done += 1
+        self.log(f"{self.head(cell)}: {summarize(record)}  [{self.state()}]")
+
+    def state(self) -> str:
+        left = self.total - self.done - len(self.running)
+        parts = [f"{self.done}/{self.total} done", f"{len(self.running)} running", f"{left} left"]
+        parts.append(f"{format_duration(time.time() - self.began)} elapsed")
+        if left + len(self.running):
+            mean = sum(self.durations) / len(self.durations)
+            parts.append(f"~{format_duration(mean * (left + len(self.running)) / self.capacity)} to go")
+        return ", ".join(parts)
+
+
+def format_duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
 def run_suite(
     suite: Suite,
     out_dir: Path,
@@ -265,34 +243,42 @@ def run_suite(
     log=log_line,
     planning: dict | None = None,
     overrides: dict | None = None,
+    executor=None,
 ) -> list[dict]:
-    """Every cell of the suite, run (or, with `planning`, planned: see run_cell_process) in its own process;
-    `overrides` replace train settings of every cell (a plan at a length the user gives)."""
+    """Every cell of the suite, each run (or, with `planning` ({"budgets": [bytes, ...]}), planned by
+    harness.plan) in its own process by `executor` (default: harness.executors.Local, one at a time); `overrides`
+    replace train settings of every cell (a plan at a length the user gives). The records, in the suite's
+    order of cells."""
     preflight(suite, data_dir, None if planning is not None else device)
     cells = suite.cells(max_train_samples, overrides)
     unsupported = unsupported_cells(suite, cells)
+    executor = executor or executors.Local("cpu" if planning is not None else device)
+    progress = Progress(cells, executor.capacity, log)
     previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
-    records = []
+    records, jobs = {}, []
     try:
         with locked(out_dir):
-            for i, cell in enumerate(cells, 1):
+            for cell in cells:
                 path = out_dir / f"{cell.key}.json"
-                head = f"[{i}/{len(cells)}] {cell.task.name} / {cell.entry.label} / seed {cell.seed}"
                 known = worker.provenance(cell)
                 done, note = is_done(path, cell, known["code"])
                 if note:
-                    log(f"{head}: {note}")
+                    log(f"{progress.head(cell)}: {note}")
                 if done and not fresh:
-                    record = results.read_record(path)
-                    log(f"{head}: already done ({record['status']}), skipped")
+                    records[cell.key] = results.read_record(path)
+                    progress.settled(cell, f"already done ({records[cell.key]['status']}), skipped")
                 elif cell.key in unsupported:  # known before training: no worker is started
-                    record = _write_outcome(cell, path, known, "unsupported", unsupported[cell.key], time.time())
-                    log(f"{head}: {summarize(record)}")
+                    job = executors.Job(cell, path, known)
+                    records[cell.key] = executors.write_outcome(job, "unsupported", unsupported[cell.key], time.time())
+                    progress.settled(cell, summarize(records[cell.key]))
                 else:
-                    log(f"{head} ...")
-                    record = run_cell_process(cell, path, data_dir, device, known, planning)
-                    log(f"{head}: {summarize(record)}")
-                records.append(record)
+                    jobs.append(executors.Job(cell, path, known))
+
+            def ended(job, record):
+                records[job.cell.key] = record
+                progress.end(job.cell, record)
+
+            executor.run(jobs, data_dir, planning, lambda job: progress.start(job.cell), ended)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    return records
+    return [records[cell.key] for cell in cells]

@@ -66,6 +66,11 @@ def linear_schedule(steps: int, warmup_ratio: float):
     return lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup))
 
 
+def _stream(progress):
+    """Where a step bar goes: `progress` is True (stderr), a stream, or False (no bar)."""
+    return None if isinstance(progress, bool) else progress
+
+
 def train(model, param_groups, loader, settings: TrainSettings, device, meter: Meter, progress=True) -> list[float]:
     """Train for the configured steps; returns the loss of every step."""
     optimizer = make_optimizer(param_groups, settings.weight_decay)
@@ -74,7 +79,7 @@ def train(model, param_groups, loader, settings: TrainSettings, device, meter: M
     scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
     losses: list[float] = []
     model.train()
-    bar = tqdm(total=steps, desc="train", disable=not progress, mininterval=2, leave=False)
+    bar = tqdm(total=steps, desc="train", disable=not progress, mininterval=2, leave=False, file=_stream(progress))
     while len(losses) < steps:
         for batch in loader:
             batch = to_device(batch, device)
@@ -137,7 +142,7 @@ def predict(model, loader, task, device, precision: str, progress=True, tokenize
     if task.is_causal_lm:
         return _predict_causal_lm(model, loader, task, device, precision, progress, tokenizer)
     predictions, references = [], []
-    for batch in tqdm(loader, desc="eval", disable=not progress, mininterval=2, leave=False):
+    for batch in tqdm(loader, desc="eval", disable=not progress, mininterval=2, leave=False, file=_stream(progress)):
         batch = to_device(batch, device)
         labels = batch.pop("labels")
         with autocast(device, precision):
@@ -155,7 +160,7 @@ def _predict_causal_lm(model, loader, task, device, precision, progress, tokeniz
     """Greedy answers against the targets', and the targets' likelihood (harness.causal_lm)."""
     end = causal_lm.end_token_id(tokenizer)
     answers, nll, tokens = [], [], []
-    for batch in tqdm(loader, desc="eval", disable=not progress, mininterval=2, leave=False):
+    for batch in tqdm(loader, desc="eval", disable=not progress, mininterval=2, leave=False, file=_stream(progress)):
         batch = to_device(batch, device)
         with autocast(device, precision):
             row_nll, row_tokens = causal_lm.target_likelihood(

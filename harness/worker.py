@@ -128,10 +128,11 @@ def loaders(cell: Cell, data_dir: Path | None, preprocessor):
 
 
 def run_cell(
-    cell: Cell, data_dir: Path | None, device_name: str = "auto", progress: bool = True, known: dict | None = None
+    cell: Cell, data_dir: Path | None, device_name: str = "auto", progress=True, known: dict | None = None
 ) -> dict:
     """Train and evaluate one cell here; its record, whatever the outcome. `known` is the cell's
-    `provenance`, as the runner computed it when it decided to run the cell."""
+    `provenance`, as the runner computed it when it decided to run the cell. `progress`: step bars on stderr
+    (True), on a stream given, or none (False)."""
     started = time.time()
     device = pick_device(device_name)
     record = results.new_record(cell.to_dict(), **(known or provenance(cell)), started=started)
@@ -248,8 +249,32 @@ PRELOAD = [
 ]
 
 
+def use_slot(slot: dict) -> None:
+    """Keep this process to its share of the machine (harness.executors.slots): one GPU, seen as cuda:0 (set
+    before anything touches CUDA), or a number of CPU threads."""
+    if "visible_devices" in slot:
+        os.environ["CUDA_VISIBLE_DEVICES"] = slot["visible_devices"]
+    if "threads" in slot:
+        torch.set_num_threads(slot["threads"])
+
+
+def send_output_to(log_path: str, progress: bool):
+    """This process's stdout and stderr, its libraries' too, go to the cell's log; the step bar, wanted only on
+    a terminal, is given that terminal (returned) instead, or False."""
+    terminal = os.fdopen(os.dup(2), "w", buffering=1) if progress else False
+    sys.stdout.flush()
+    sys.stderr.flush()
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    return terminal
+
+
 def run_job(job: dict, record_path: str) -> None:
     """Entry point of a cell's process: run the cell, write its record atomically."""
+    use_slot(job.get("slot") or {})
+    progress = send_output_to(job["log"], job["progress"]) if job.get("log") else job["progress"]
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter, not the user's concern
     # tqdm guards its bars with a multiprocessing lock, a named semaphore, by default; a cell's process
     # runs one bar at a time, and one stopped by Ctrl-C or SIGTERM could leave the semaphore behind for the
@@ -270,7 +295,7 @@ def run_job(job: dict, record_path: str) -> None:
             sys.stderr.flush()
             os._exit(0)
         else:
-            record = run_cell(cell, data_dir, job["device"], job["progress"], job["provenance"])
+            record = run_cell(cell, data_dir, job["device"], progress, job["provenance"])
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the runner records the cell
         # The runner forwards the interrupt too (SIGTERM reaches it alone); a second SIGINT arriving while
         # this process exits would raise inside multiprocessing's exit handlers and print their traceback.

@@ -29,7 +29,7 @@ from methods.full_finetune import FullFineTune
 
 class Misbehave(FullFineTune):
     name = "test_misbehave"
-    defaults = {"fault": "none", "seconds": 0.0}
+    defaults = {"fault": "none", "seconds": 0.0, "marker": ""}
 
     def apply(self, model, task):
         fault = self.hparams["fault"]
@@ -43,7 +43,7 @@ class Misbehave(FullFineTune):
         model = super().apply(model, task)
         if fault == "sleep_in_training" and os.environ.get("TEST_FAULT_MARKER"):
             def say_so_then_sleep(module):
-                open(os.environ["TEST_FAULT_MARKER"], "w").close()
+                open(os.environ["TEST_FAULT_MARKER"] + self.hparams["marker"], "w").close()
                 time.sleep(float(os.environ["TEST_FAULT_SLEEP"]))
             on_forward(model, 2, say_so_then_sleep)
         if fault == "hog":  # asks for 16 GiB of host memory (untouched, so harmless if granted)
@@ -72,7 +72,7 @@ def record(out, label):
     return json.loads((out / f"sst2__{label}__seed0.json").read_text())
 
 
-def run_command(suite, out, data_dir) -> list[str]:
+def run_command(suite, out, data_dir, *extra) -> list[str]:
     """`harness run` as a user types it, for a process of its own."""
     return [
         sys.executable,
@@ -85,13 +85,14 @@ def run_command(suite, out, data_dir) -> list[str]:
         "--data-dir",
         str(data_dir),
         "--no-report",
+        *extra,
     ]
 
 
-def start(suite, out, data_dir, **env):
+def start(suite, out, data_dir, *extra, **env):
     """The CLI as a user runs it, in its own process group (as a terminal's foreground job)."""
     return subprocess.Popen(
-        run_command(suite, out, data_dir),
+        run_command(suite, out, data_dir, *extra),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from harness import results, runner
+from harness import executors, results, runner
 from harness.cli import main
 from harness.config import load_suite
 from tests.conftest import save_tiny
@@ -54,8 +54,10 @@ def test_validate_lists_the_pair_with_its_reason(llama_suite, glue_like_data, ca
 
 def test_run_records_it_without_a_worker_and_goes_on(llama_suite, tmp_path, data_dir, monkeypatch, capsys):
     started = []
-    original = runner.run_cell_process
-    monkeypatch.setattr(runner, "run_cell_process", lambda cell, *a: started.append(cell.key) or original(cell, *a))
+    original = executors.Local._start
+    monkeypatch.setattr(
+        executors.Local, "_start", lambda self, job, *a: started.append(job.cell.key) or original(self, job, *a)
+    )
     out = tmp_path / "out"
     argv = ["run", str(llama_suite), "--out", str(out), "--data-dir", str(data_dir), "--no-report"]
     assert main(argv) == 0
