@@ -13,13 +13,21 @@ from harness.formatting import markdown_cell
 
 
 def _cmd_run(args) -> int:
-    from harness import config, executors, runner
+    from harness import config, executors, runner, trackers
 
     suite = config.load_suite(args.suite)
     out_dir = Path(args.out) if args.out else Path("results") / suite.name
     executor = executors.Local(args.device, args.jobs)
+    track = trackers.make(args.track or [], suite.name, out_dir)
     records = runner.run_suite(
-        suite, out_dir, args.data_dir, args.device, args.fresh, args.max_train_samples, executor=executor
+        suite,
+        out_dir,
+        args.data_dir,
+        args.device,
+        args.fresh,
+        args.max_train_samples,
+        executor=executor,
+        trackers=track,
     )
     tally, finished = _tally(records)
     print(f"{suite.name}: {len(records)} cells ({tally}); results in {out_dir}")
@@ -201,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=1,
         help="cells at once on this machine: each on its own GPU, or an equal share of the CPU cores (default: 1)",
+    )
+    run.add_argument(
+        "--track",
+        action="append",
+        choices=["mlflow", "tensorboard"],
+        help="also log each cell as a run of this tracker (repeatable; the extra 'track' installs both)",
     )
     run.add_argument(
         "--no-report", action="store_true", help="do not write the report (reports/<suite name>) at the end"

@@ -244,11 +244,12 @@ def run_suite(
     planning: dict | None = None,
     overrides: dict | None = None,
     executor=None,
+    trackers=(),
 ) -> list[dict]:
     """Every cell of the suite, each run (or, with `planning` ({"budgets": [bytes, ...]}), planned by
     harness.plan) in its own process by `executor` (default: harness.executors.Local, one at a time); `overrides`
-    replace train settings of every cell (a plan at a length the user gives). The records, in the suite's
-    order of cells."""
+    replace train settings of every cell (a plan at a length the user gives); each record this run writes
+    goes to `trackers` too (harness.trackers). The records, in the suite's order of cells."""
     preflight(suite, data_dir, None if planning is not None else device)
     cells = suite.cells(max_train_samples, overrides)
     unsupported = unsupported_cells(suite, cells)
@@ -277,6 +278,11 @@ def run_suite(
             def ended(job, record):
                 records[job.cell.key] = record
                 progress.end(job.cell, record)
+                for tracker in trackers:
+                    try:
+                        tracker.log(record)
+                    except Exception as exc:  # the record is written; its copy in a tracker is not worth the run
+                        log(f"{progress.head(job.cell)}: not sent to {type(tracker).__name__}: {exc!r:.300}")
 
             executor.run(jobs, data_dir, planning, lambda job: progress.start(job.cell), ended)
     finally:
