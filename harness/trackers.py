@@ -7,6 +7,7 @@ figure of `measurements`. The driver logs a record once it is written, from the 
 a copy of the results, and a tracker that fails cannot lose one.
 """
 
+import importlib
 import json
 import os
 import re
@@ -62,17 +63,18 @@ class MLflow:
     SQLite store, `mlflow.db` beside the results directory (MLflow 3 retired its plain-file store)."""
 
     def __init__(self, suite: str, out_dir: Path):
-        try:
-            import mlflow
-        except ImportError:
-            raise UserError(
-                "--track mlflow", "the mlflow package is not installed", "pip install 'petl-harness[track]'"
-            ) from None
-        self.mlflow = mlflow
+        mlflow = _package("mlflow", "mlflow")
         self.uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out_dir.resolve().parent / 'mlflow.db'}"
-        self.client = mlflow.MlflowClient(self.uri)
-        found = self.client.get_experiment_by_name(suite)
-        self.experiment = found.experiment_id if found else self.client.create_experiment(suite)
+        try:  # reach the store now, before any cell runs
+            self.client = mlflow.MlflowClient(self.uri)
+            found = self.client.get_experiment_by_name(suite)
+            self.experiment = found.experiment_id if found else self.client.create_experiment(suite)
+        except Exception as exc:
+            raise UserError(
+                "--track mlflow",
+                f"cannot use the tracking store {self.uri}: {str(exc).strip().splitlines()[0][:200]}",
+                "set MLFLOW_TRACKING_URI to a store you can reach, or unset it for the local default",
+            ) from None
 
     def log(self, record: dict) -> None:
         from mlflow.entities import Metric, Param
@@ -102,12 +104,7 @@ class TensorBoard:
     """Event files under `tensorboard/<suite>/<task>/<label>/seed<n>` beside the results directory."""
 
     def __init__(self, suite: str, out_dir: Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise UserError(
-                "--track tensorboard", "the tensorboard package is not installed", "pip install 'petl-harness[track]'"
-            ) from None
+        SummaryWriter = _package("tensorboard", "torch.utils.tensorboard").SummaryWriter
         self.writer_class, self.root = SummaryWriter, out_dir.resolve().parent / "tensorboard" / suite
 
     def log(self, record: dict) -> None:
@@ -124,6 +121,16 @@ class TensorBoard:
             writer.add_text("status", record["status"], 0)
         finally:
             writer.close()
+
+
+def _package(kind: str, module: str):
+    """The tracker's module, or the one line a user needs when its package is missing."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(
+            f"--track {kind}", f"the {kind} package is not installed", "pip install 'petl-harness[track]'"
+        ) from None
 
 
 def time_of(record: dict) -> float:

@@ -71,3 +71,15 @@ def test_a_tracker_not_installed_stops_the_run_before_any_cell(kind, module, tin
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"--track {kind}" in err and "not installed" in err
     assert not list(out.glob("*.json"))
+
+
+def test_a_tracking_store_out_of_reach_stops_the_run_before_any_cell(tiny_suite, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # the discard port: nothing answers
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    out = tmp_path / "out"
+    assert main(["run", str(tiny_suite(GRID)), "--out", str(out), "--track", "mlflow", "--no-report"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot use the tracking store http://127.0.0.1:9" in err
+    assert not list(out.glob("*.json"))
