@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from harness import results, worker
 from harness.config import Cell
 from harness.errors import UserError
@@ -40,8 +42,6 @@ def slots(device: str, jobs: int) -> list[dict]:
     if jobs == 1:
         return [{}]
     if worker.pick_device(device).type == "cuda":
-        import torch
-
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         ids = [d for d in visible.split(",") if d] if visible is not None else []
         ids = ids or [str(i) for i in range(torch.cuda.device_count())]

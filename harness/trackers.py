@@ -17,8 +17,6 @@ from pathlib import Path
 from harness.errors import UserError
 from harness.train import linear_schedule
 
-KINDS = ("mlflow", "tensorboard")
-
 
 def flat(values: dict, prefix: str = "") -> dict:
     """Nested settings as one level of dotted keys; lists as JSON text."""
